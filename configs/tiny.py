@@ -1,0 +1,19 @@
+"""Tiny Fun-Audio-Chat: same structure as the 8B model, distinct small sizes; runs on 2 CPU cores."""
+
+from fac_jax import config as base
+
+
+def get_config(arg=None):
+  del arg
+  config = base.default_config()
+  model = config.model
+  model.llm.update(vocab_size=263, num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2,
+                   head_dim=14, mlp_dim=83, rope_theta=5e6)
+  model.speech_refined_head.update(num_layers=2, hidden_size=36, num_heads=3, num_kv_heads=1,
+                                   head_dim=10, mlp_dim=61, rope_theta=1e6)
+  model.encoder.update(num_mel_bins=19, hidden_size=40, num_layers=2, num_heads=5, mlp_dim=71,
+                       window_frames=20, max_positions=64)
+  model.speech.update(codebook_size=77, bos_id=73, eos_id=74, pad_id=75)
+  model.tokens.update(audio=256, audio_bos=257, audio_eos=258, sil=259, im_start=250, im_end=251,
+                      endoftext=252)
+  return config

@@ -1,0 +1,55 @@
+"""Default experiment config (Fun-Audio-Chat-8B sizes) and the loader used by every entry point."""
+
+import ml_collections
+
+
+def decoder_config(**sizes) -> ml_collections.ConfigDict:
+  """A Qwen3 decoder stack; the shared LLM and the speech refined head both use this shape."""
+  return ml_collections.ConfigDict(dict(
+      num_layers=sizes['num_layers'], hidden_size=sizes['hidden_size'],
+      num_heads=sizes['num_heads'], num_kv_heads=sizes['num_kv_heads'],
+      head_dim=sizes['head_dim'], mlp_dim=sizes['mlp_dim'],
+      rope_theta=sizes['rope_theta'], norm_eps=1e-6))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  model = config.model = ml_collections.ConfigDict()
+  # Shared LLM: Qwen3 decoder (Qwen3-VL-8B language model), untied lm_head.
+  model.llm = decoder_config(num_layers=36, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                             head_dim=128, mlp_dim=12288, rope_theta=5e6)
+  model.llm.vocab_size = 151936
+  # Speech refined head: Qwen3-0.6B-shaped stack between a down- and an up-projection.
+  model.speech_refined_head = decoder_config(num_layers=28, hidden_size=1024, num_heads=16,
+                                             num_kv_heads=8, head_dim=128, mlp_dim=3072,
+                                             rope_theta=1e6)
+  # Continuous speech encoder: Whisper-large-v3 layout, attention inside 2 s mel windows.
+  model.encoder = ml_collections.ConfigDict(dict(
+      num_mel_bins=128, hidden_size=1280, num_layers=32, num_heads=20, mlp_dim=5120,
+      window_frames=200, max_positions=1500, norm_eps=1e-5))
+  # 25 Hz speech codes: S3Tokenizer-v3 codes 0..6560, then bos (also the delay filler), eos, pad.
+  model.speech = ml_collections.ConfigDict(dict(
+      codebook_size=6565, bos_id=6561, eos_id=6562, pad_id=6564, group_size=5, delay_groups=2))
+  # pad_id is 6563 or 6564 in third-party ports: the checkpoint importer reads the real value.
+  model.tokens = ml_collections.ConfigDict(dict(
+      audio=151669, audio_bos=151670, audio_eos=151671, sil=151673, im_start=151644,
+      im_end=151645, endoftext=151643))
+  # Official training halves user-audio embeddings whenever the batch carries response text
+  # (DESIGN.md section 1); False keeps user audio unscaled, as at inference.
+  model.halve_user_audio = True
+  model.dtype = 'float32'
+  model.param_dtype = 'float32'
+  model.remat_policy = 'none'  # none | full | dots | dots_no_batch
+
+  # Device mesh: -1 fills with the remaining devices.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  config.seed = 0
+  return config
+
+
+def load(path_and_arg: str) -> ml_collections.ConfigDict:
+  """Loads `configs/<name>.py[:arg]` the way config_flags does, for code outside absl apps."""
+  from ml_collections import config_flags
+  return config_flags.config_flags._ConfigFileParser(name='config').parse(path_and_arg)

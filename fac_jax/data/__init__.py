@@ -1,0 +1,1 @@
+"""Turning conversations into the batch dict of fac_jax.batch."""

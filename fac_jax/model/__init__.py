@@ -1,0 +1,1 @@
+"""Model definitions: Qwen3 decoder, continuous speech encoder, the composite Fun-Audio-Chat."""

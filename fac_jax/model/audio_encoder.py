@@ -1,0 +1,109 @@
+"""Continuous speech encoder: Whisper-v3 layout over 2 s mel windows, pooled to 25 Hz, projected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+import ml_collections
+
+from fac_jax import sharding
+from fac_jax.model import layers
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+  """Whisper's fixed position table, [sin | cos]."""
+  log_increment = np.log(max_timescale) / (channels // 2 - 1)
+  inv_timescales = np.exp(-log_increment * np.arange(channels // 2, dtype=np.float32))
+  scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :]
+  return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-LayerNorm Whisper block; k_proj has no bias."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d = cfg.hidden_size
+    self.num_heads = cfg.num_heads
+    self.self_attn_norm = layers.layer_norm(d, cfg.norm_eps, **kw)
+    self.q_proj = layers.linear(d, d, ('encoder_embed', 'encoder_heads'), use_bias=True, **kw)
+    self.k_proj = layers.linear(d, d, ('encoder_embed', 'encoder_heads'), **kw)
+    self.v_proj = layers.linear(d, d, ('encoder_embed', 'encoder_heads'), use_bias=True, **kw)
+    self.out_proj = layers.linear(d, d, ('encoder_heads', 'encoder_embed'), use_bias=True, **kw)
+    self.mlp_norm = layers.layer_norm(d, cfg.norm_eps, **kw)
+    self.fc1 = layers.linear(d, cfg.mlp_dim, ('encoder_embed', 'encoder_mlp'), use_bias=True, **kw)
+    self.fc2 = layers.linear(cfg.mlp_dim, d, ('encoder_mlp', 'encoder_embed'), use_bias=True, **kw)
+
+  def __call__(self, x, mask):
+    batch, length, d = x.shape
+    heads = lambda t: t.reshape(batch, length, self.num_heads, d // self.num_heads)
+    h = self.self_attn_norm(x)
+    attn = jax.nn.dot_product_attention(heads(self.q_proj(h)), heads(self.k_proj(h)),
+                                        heads(self.v_proj(h)), mask=mask)
+    x = x + self.out_proj(attn.reshape(batch, length, d))
+    x = x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
+    return x
+
+
+class ContinuousSpeechEncoder(nnx.Module):
+  """Log-mel windows -> 25 Hz vectors at the LLM width.
+
+  Each window of `window_frames` mel frames (2 s) is encoded on its own: positions restart at 0
+  and attention stays inside the window, which is Whisper's block-diagonal windowed attention.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, output_dim: int, *, dtype, param_dtype,
+               remat_policy: str = 'none', rngs: nnx.Rngs):
+    if cfg.window_frames % 4:
+      raise ValueError(f'encoder.window_frames={cfg.window_frames}: must be a multiple of 4 so '
+                       'that 25 Hz pooling pairs never straddle two windows')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d = cfg.hidden_size
+    self.window_frames = cfg.window_frames
+    self.remat_policy = remat_policy
+    conv_kw = dict(kernel_metadata={'logical_axes': ('conv_kernel', 'mel', 'encoder_embed')},
+                   bias_metadata={'logical_axes': ('encoder_embed',)}, **kw)
+    self.conv1 = nnx.Conv(cfg.num_mel_bins, d, kernel_size=3, padding=((1, 1),), **conv_kw)
+    conv_kw['kernel_metadata'] = {'logical_axes': ('conv_kernel', 'encoder_embed', 'encoder_embed')}
+    self.conv2 = nnx.Conv(d, d, kernel_size=3, strides=2, padding=((1, 1),), **conv_kw)
+    if cfg.window_frames // 2 > cfg.max_positions:
+      raise ValueError(f'encoder.window_frames={cfg.window_frames} needs '
+                       f'{cfg.window_frames // 2} positions; max_positions={cfg.max_positions}')
+    self.layers = layers.stacked_layers(lambda r: EncoderLayer(cfg, rngs=r, dtype=dtype,
+                                                               param_dtype=param_dtype),
+                                        cfg.num_layers, rngs)
+    self.final_norm = layers.layer_norm(d, cfg.norm_eps, **kw)
+    self.proj = layers.linear(d, output_dim, ('encoder_embed', 'embed'), use_bias=True, **kw)
+
+  def __call__(self, mel: jax.Array, mel_lengths: jax.Array) -> jax.Array:
+    """mel: (B, W, window_frames, mels); mel_lengths: (B, W) valid frames per window.
+
+    Returns (B, W * window_frames // 4, output_dim): each window's 25 Hz frames in order, zero
+    where a window has no valid frame.
+    """
+    batch, windows, frames, mels = mel.shape
+    if frames != self.window_frames:
+      raise ValueError(f'mel windows have {frames} frames; the encoder expects '
+                       f'{self.window_frames}')
+    x = mel.reshape(batch * windows, frames, mels)
+    lengths = mel_lengths.reshape(batch * windows)
+    valid_mel = jnp.arange(frames)[None, :] < lengths[:, None]
+    x = jnp.where(valid_mel[..., None], x, 0)
+    x = jax.nn.gelu(self.conv1(x), approximate=False) * valid_mel[..., None]
+    x = jax.nn.gelu(self.conv2(x), approximate=False)
+    conv_frames = frames // 2
+    x = x + jnp.asarray(sinusoids(conv_frames, x.shape[-1]), x.dtype)
+
+    conv_lengths = jnp.where(lengths > 0, (lengths - 1) // 2 + 1, 0)
+    valid_conv = jnp.arange(conv_frames)[None, :] < conv_lengths[:, None]
+    # Valid frames attend to valid frames; padding frames attend to themselves (discarded later).
+    mask = valid_conv[:, None, :, None] & valid_conv[:, None, None, :]
+    mask |= jnp.eye(conv_frames, dtype=bool)
+    x = sharding.constrain(x, ('batch', 'length', 'encoder_embed'))
+    x = layers.scan_layers(self.layers, x, mask, remat_policy=self.remat_policy)
+
+    x = x.reshape(batch * windows, conv_frames // 2, 2, -1).mean(axis=2)
+    x = self.proj(self.final_norm(x))
+    valid_pooled = jnp.arange(conv_frames // 2)[None, :] < (conv_lengths // 2)[:, None]
+    x = jnp.where(valid_pooled[..., None], x, 0)
+    return x.reshape(batch, windows * (conv_frames // 2), -1)

@@ -1,0 +1,150 @@
+"""The Fun-Audio-Chat model: speech encoders, DRSR grouping adapters, shared LLM, speech refined head.
+
+Data flow (DESIGN.md section 1): user audio -> continuous encoder -> 25 Hz vectors -> mean of 5 ->
+projection; assistant speech codes -> embedding -> mean of 5 -> projection; at assistant audio
+positions the LLM input is (E(text) + G) / 2. The LLM's hidden state h_p gives the text logits
+for t_{p+1} and, through the speech refined head run at 25 Hz, the 5 codes of group p+1.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+import optax
+
+from fac_jax import sharding
+from fac_jax.batch import IGNORE_ID
+from fac_jax.model import audio_encoder, layers, qwen3
+
+
+class GroupingAdapters(nnx.Module):
+  """DRSR input side: groups of 5 speech vectors -> one LLM position.
+
+  The speech-code embedding is also the refined head's output matrix (a declared weight tie).
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d = cfg.llm.hidden_size
+    self.code_embedding = layers.embed(cfg.speech.codebook_size, d, ('speech_vocab', 'embed'), **kw)
+    self.code_projection = layers.linear(d, d, ('embed', 'embed'), **kw)
+    self.continuous_projection = layers.linear(d, d, ('embed', 'embed'), **kw)
+
+  def group_codes(self, codes: jax.Array) -> jax.Array:
+    """(..., 5) codes -> (..., D): mean of the 5 code embeddings, projected."""
+    return self.code_projection(self.code_embedding(codes).mean(axis=-2))
+
+  def group_frames(self, frames: jax.Array, frame_index: jax.Array) -> jax.Array:
+    """frames (B, N, D), frame_index (B, S, 5) with -1 for a zero frame -> (B, S, D)."""
+    gathered = jnp.take_along_axis(frames[:, None], jnp.maximum(frame_index, 0)[..., None],
+                                   axis=2)
+    gathered = jnp.where(frame_index[..., None] >= 0, gathered, 0)
+    return self.continuous_projection(gathered.mean(axis=-2))
+
+
+class SpeechRefinedHead(nnx.Module):
+  """DRSR output side: each LLM state -> 5 sub-slots -> causal Qwen3 stack at 25 Hz -> codes."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, head_cfg, group = cfg.llm.hidden_size, cfg.speech_refined_head, cfg.speech.group_size
+    self.group_size = group
+    self.split_projection = layers.linear(d, group * d, ('embed', 'group_embed'), use_bias=True,
+                                          **kw)
+    self.down_projection = layers.linear(d, head_cfg.hidden_size, ('embed', 'embed'), **kw)
+    self.decoder = qwen3.DecoderStack(head_cfg, remat_policy=cfg.remat_policy, **kw)
+    self.up_projection = layers.linear(head_cfg.hidden_size, d, ('embed', 'embed'), **kw)
+
+  def split(self, states: jax.Array) -> jax.Array:
+    """(B, S, D) -> (B, S * 5, D): sub-slot (p, j) at flat index 5p + j."""
+    batch, length, d = states.shape
+    return self.split_projection(states).reshape(batch, length * self.group_size, d)
+
+  def __call__(self, inputs, positions, segment_ids, code_embedding: nnx.Embed):
+    """inputs (B, 5S, D): split states plus previous-code embeddings -> logits (B, 5S, codes)."""
+    group = self.group_size
+    sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(inputs.shape[:2])
+    hidden = self.decoder(self.down_projection(inputs), sub_positions,
+                          jnp.repeat(segment_ids, group, axis=1))
+    return code_embedding.attend(self.up_projection(hidden))
+
+
+class FunAudioChat(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.speech_pad_id = cfg.speech.pad_id
+    self.user_audio_scale = 0.5 if cfg.halve_user_audio else 1.0
+    self.continuous_encoder = audio_encoder.ContinuousSpeechEncoder(
+        cfg.encoder, cfg.llm.hidden_size, remat_policy=cfg.remat_policy, **kw)
+    self.adapters = GroupingAdapters(cfg, **kw)
+    self.llm = qwen3.CausalLM(cfg.llm, remat_policy=cfg.remat_policy, **kw)
+    self.speech_refined_head = SpeechRefinedHead(cfg, **kw)
+
+  def embed_inputs(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """LLM input embeddings (B, S, D), and the text embeddings the refined head sees."""
+    text = self.llm.embed_tokens(batch['input_ids'])
+    groups = self.adapters.group_codes(batch['speech_codes'])
+    if batch['mel'].shape[1]:
+      frames = self.continuous_encoder(batch['mel'], batch['mel_lengths'])
+      continuous = self.adapters.group_frames(frames.astype(groups.dtype),
+                                              batch['continuous_frames'])
+      groups = jnp.where(batch['continuous_mask'][..., None], continuous, groups)
+    text_mask = batch['text_mask'][..., None]
+    audio = jnp.where(text_mask, (text + groups) / 2, groups * self.user_audio_scale)
+    audio_mask = batch['audio_mask'][..., None]
+    inputs = jnp.where(audio_mask, audio, text)
+    head_text = jnp.where(audio_mask & ~text_mask, 0, text)
+    return inputs, head_text
+
+  def speech_head_inputs(self, hidden, head_text, speech_targets) -> jax.Array:
+    """Teacher-forced refined-head input (B, 5S, D): split(h_p + E(t_p)) + E(previous code).
+
+    The previous code of flat sub-slot i is the target of sub-slot i - 1 (pad where ignored).
+    """
+    split = self.speech_refined_head.split(hidden + jax.lax.stop_gradient(head_text))
+    flat_targets = speech_targets.reshape(speech_targets.shape[0], -1)
+    previous = jnp.pad(flat_targets[:, :-1], ((0, 0), (1, 0)), constant_values=IGNORE_ID)
+    previous = jnp.where(previous == IGNORE_ID, self.speech_pad_id, previous)
+    return split + self.adapters.code_embedding(previous)
+
+  def __call__(self, batch: dict) -> dict:
+    """Teacher-forced forward: text logits (B, S, V) and speech logits (B, 5S, codes)."""
+    inputs, head_text = self.embed_inputs(batch)
+    hidden = self.llm.decoder(inputs, batch['positions'], batch['segment_ids'])
+    text_logits = self.llm.lm_head(hidden)
+    head_inputs = self.speech_head_inputs(hidden, head_text, batch['speech_targets'])
+    speech_logits = self.speech_refined_head(head_inputs, batch['positions'],
+                                             batch['segment_ids'], self.adapters.code_embedding)
+    return {'text_logits': text_logits, 'speech_logits': speech_logits}
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy and accuracy over targets that are not IGNORE_ID (float32)."""
+  valid = targets != IGNORE_ID
+  safe_targets = jnp.where(valid, targets, 0)
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
+  count = jnp.maximum(valid.sum(), 1)
+  loss = jnp.where(valid, losses, 0).sum() / count
+  accuracy = (valid & (logits.argmax(-1) == safe_targets)).sum() / count
+  return loss, accuracy
+
+
+def compute_losses(outputs: dict, batch: dict) -> dict:
+  """Text CE + speech CE, weight 1:1, each a mean over its valid targets."""
+  text_loss, text_accuracy = masked_cross_entropy(outputs['text_logits'], batch['text_targets'])
+  speech_targets = batch['speech_targets'].reshape(batch['speech_targets'].shape[0], -1)
+  speech_loss, speech_accuracy = masked_cross_entropy(outputs['speech_logits'], speech_targets)
+  return {'loss': text_loss + speech_loss, 'text_loss': text_loss, 'speech_loss': speech_loss,
+          'text_accuracy': text_accuracy, 'speech_accuracy': speech_accuracy}
+
+
+def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> FunAudioChat:
+  return FunAudioChat(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ml_collections.ConfigDict) -> FunAudioChat:
+  """The model with ShapeDtypeStructs for parameters: no memory, no compute."""
+  return nnx.eval_shape(lambda: create(cfg))

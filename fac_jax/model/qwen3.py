@@ -1,0 +1,104 @@
+"""Qwen3 decoder stack: one implementation serves the shared LLM and the speech refined head."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from fac_jax import sharding
+from fac_jax.model import layers
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.rope_theta = cfg.rope_theta
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    self.q_proj = layers.linear(d, q_dim, ('embed', 'heads'), **kw)
+    self.k_proj = layers.linear(d, kv_dim, ('embed', 'kv_heads'), **kw)
+    self.v_proj = layers.linear(d, kv_dim, ('embed', 'kv_heads'), **kw)
+    self.o_proj = layers.linear(q_dim, d, ('heads', 'embed'), **kw)
+    self.q_norm = layers.rms_norm(cfg.head_dim, cfg.norm_eps, **kw)
+    self.k_norm = layers.rms_norm(cfg.head_dim, cfg.norm_eps, **kw)
+
+  def __call__(self, x, positions, mask):
+    batch, length, _ = x.shape
+    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    q = layers.apply_rope(self.q_norm(q), positions, self.rope_theta)
+    k = layers.apply_rope(self.k_norm(k), positions, self.rope_theta)
+    q = sharding.constrain(q, ('batch', 'length', 'heads', None))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class Mlp(nnx.Module):
+  """SwiGLU feed-forward block."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = layers.linear(cfg.hidden_size, cfg.mlp_dim, ('embed', 'mlp'), **kw)
+    self.up_proj = layers.linear(cfg.hidden_size, cfg.mlp_dim, ('embed', 'mlp'), **kw)
+    self.down_proj = layers.linear(cfg.mlp_dim, cfg.hidden_size, ('mlp', 'embed'), **kw)
+
+  def __call__(self, x):
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(sharding.constrain(hidden, ('batch', 'length', 'mlp')))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, **kw)
+    self.attention = Attention(cfg, **kw)
+    self.post_attention_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, **kw)
+    self.mlp = Mlp(cfg, **kw)
+
+  def __call__(self, x, positions, mask):
+    x = x + self.attention(self.input_norm(x), positions, mask)
+    x = x + self.mlp(self.post_attention_norm(x))
+    return sharding.constrain(x, ('batch', 'length', 'embed'))
+
+
+class DecoderStack(nnx.Module):
+  """Scanned Qwen3 decoder layers and the final RMSNorm (no token embedding, no head)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype,
+               remat_policy: str = 'none', rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.remat_policy = remat_policy
+    self.layers = layers.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw),
+                                        cfg.num_layers, rngs)
+    self.final_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x: (B, T, D) inputs; positions, segment_ids: (B, T). Causal within each segment."""
+    mask = layers.segment_mask(segment_ids, causal=True)
+    x = sharding.constrain(x, ('batch', 'length', 'embed'))
+    x = layers.scan_layers(self.layers, x, positions, mask, remat_policy=self.remat_policy)
+    return self.final_norm(x)
+
+
+class CausalLM(nnx.Module):
+  """Token embedding, decoder stack and an untied lm_head: the shared LLM."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype,
+               remat_policy: str = 'none', rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'), **kw)
+    self.decoder = DecoderStack(cfg, remat_policy=remat_policy, **kw)
+    self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ('embed', 'vocab'), **kw)
+
+  def __call__(self, input_ids, positions=None, segment_ids=None):
+    """Text-only forward: logits (B, T, vocab). Positions default to 0..T-1, one segment."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(input_ids)
+    hidden = self.decoder(self.embed_tokens(input_ids), positions, segment_ids)
+    return self.lm_head(hidden)

@@ -1,0 +1,117 @@
+"""Device mesh and the one table that maps logical array axes to mesh axes (data, fsdp, tensor)."""
+
+from collections.abc import Sequence
+import math
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from flax import nnx
+import ml_collections
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axes. Modules name logical axes only; nothing else names a mesh axis.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    'batch': ('data', 'fsdp'),
+    'length': (),
+    'embed': ('fsdp',),
+    'mlp': ('tensor',),
+    'heads': ('tensor',),
+    'kv_heads': ('tensor',),
+    'vocab': ('tensor',),
+    'speech_vocab': (),  # 6565 codes: no mesh axis divides it.
+    'group_embed': ('tensor',),
+    'encoder_embed': ('fsdp',),
+    'encoder_mlp': ('tensor',),
+    'encoder_heads': ('tensor',),
+    'mel': (),
+    'conv_kernel': (),
+    'layers': (),
+    'norm': (),
+}
+
+LogicalAxes = Sequence[str | None]
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """A mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh config {dict(mesh_config)}: at most one axis may be -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'mesh config {dict(mesh_config)}: {len(devices)} devices are not a '
+                       f'multiple of the fixed axes product {known}')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'mesh config {dict(mesh_config)} needs {math.prod(sizes)} devices, '
+                     f'{len(devices)} are available')
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int] | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
+  """PartitionSpec for an array with these logical axes.
+
+  Given a shape and mesh, a mesh axis that does not divide its dimension is left out (the
+  dimension is replicated over it), and no mesh axis is used twice.
+  """
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(logical_axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in LOGICAL_AXIS_RULES:
+      raise KeyError(f'logical axis {name!r} has no rule in LOGICAL_AXIS_RULES')
+    chosen = []
+    for axis in LOGICAL_AXIS_RULES[name]:
+      if axis in used:
+        continue
+      if mesh is not None and shape is not None:
+        size = math.prod(mesh.shape[a] for a in chosen + [axis])
+        if shape[i] % size:
+          continue
+      chosen.append(axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return PartitionSpec(*spec)
+
+
+def variable_logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+  axes = variable.get_metadata().get('logical_axes')
+  if axes is None:
+    raise ValueError(f'parameter of shape {variable.shape} has no logical_axes metadata')
+  if len(axes) != len(variable.shape):
+    raise ValueError(f'logical_axes {axes} do not match parameter shape {variable.shape}')
+  return tuple(axes)
+
+
+def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> dict:
+  """NamedShardings, as a plain dict, for an nnx.State (concrete or abstract) of the model.
+
+  Each parameter is laid out by its `logical_axes` metadata through LOGICAL_AXIS_RULES.
+  """
+  def sharding(variable):
+    spec = logical_to_spec(variable_logical_axes(variable), variable.shape, mesh)
+    return NamedSharding(mesh, spec)
+  shardings = jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+  """Sharding constraint on an activation, when a mesh is set; a no-op otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Batch arrays are split over (data, fsdp) along their first axis, replicated otherwise."""
+  return {name: NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (value.ndim - 1),
+                                                    value.shape, mesh))
+          for name, value in batch.items()}
