@@ -1,0 +1,157 @@
+"""Format a conversation into model positions at 5 Hz, and pack formatted conversations into batches.
+
+A conversation is a list of pieces in stream order:
+  Text(ids, trained)                 chat-template and text tokens; `trained` marks the response
+  Speech(codes, mel, text, trained)  one audio: its 25 Hz code stream, and optionally log-mel
+                                     (continuous path, replacing the codes) and a text token per
+                                     5 Hz position (mixed in as (E(text) + G) / 2)
+`user_audio` and `assistant_audio` build the two usual Speech pieces. An audio of n codes fills
+ceil(n / 5) positions; the caller writes <|audio_bos|> and <|audio_eos|> around it as Text.
+The meaning of each output field is documented in fac_jax.batch.
+"""
+
+import dataclasses
+import math
+
+import ml_collections
+import numpy as np
+
+from fac_jax.batch import FIELDS, IGNORE_ID
+
+
+@dataclasses.dataclass
+class Text:
+  ids: list[int]
+  trained: bool
+
+
+@dataclasses.dataclass
+class Speech:
+  codes: list[int]  # 25 Hz code stream as the model reads it (delay groups included)
+  mel: np.ndarray | None = None  # (frames, mels) log-mel at 100 Hz
+  text: list[int] | None = None  # response text, one token per 5 Hz position
+  trained: bool = False
+
+
+def user_audio(mel: np.ndarray, num_frames: int, cfg: ml_collections.ConfigDict) -> Speech:
+  """User speech: `num_frames` 25 Hz frames (int(duration * 25)) read by the continuous encoder."""
+  return Speech(codes=[cfg.speech.pad_id] * num_frames, mel=mel)
+
+
+def assistant_audio(codes, text, cfg: ml_collections.ConfigDict) -> Speech:
+  """Assistant speech: the codes behind `delay_groups` groups of bos, with its response text."""
+  delay = [cfg.speech.bos_id] * (cfg.speech.delay_groups * cfg.speech.group_size)
+  return Speech(codes=delay + list(codes), text=list(text), trained=True)
+
+
+def encoder_frames(num_mel_frames: int) -> int:
+  """25 Hz frames the continuous encoder yields for this many mel frames."""
+  return ((num_mel_frames - 1) // 2 + 1) // 2 if num_mel_frames > 0 else 0
+
+
+def format_conversation(pieces, cfg: ml_collections.ConfigDict) -> dict:
+  """One conversation -> unpadded per-position arrays (length S) plus its mel windows."""
+  group, tokens, speech = cfg.speech.group_size, cfg.tokens, cfg.speech
+  window = cfg.encoder.window_frames
+  pooled_per_window = window // 4
+  ids, audio, continuous, has_text, codes, frames = [], [], [], [], [], []
+  labels, speech_labels = [], []  # what each position holds, unshifted (official convention)
+  windows, window_lengths = [], []
+
+  def add(n, *, input_id, is_audio=False, is_continuous=False, text=False, code_groups=None,
+          frame_groups=None, label=None, speech_label=None):
+    for p in range(n):
+      ids.append(input_id[p] if isinstance(input_id, list) else input_id)
+      audio.append(is_audio)
+      continuous.append(is_continuous)
+      has_text.append(text)
+      codes.append(code_groups[p] if code_groups is not None else [speech.pad_id] * group)
+      frames.append(frame_groups[p] if frame_groups is not None else [-1] * group)
+      labels.append(label[p] if isinstance(label, list) else label)
+      speech_labels.append(speech_label[p] if speech_label is not None else [IGNORE_ID] * group)
+
+  for piece in pieces:
+    if isinstance(piece, Text):
+      for t in piece.ids:
+        eos_group = piece.trained and t == tokens.audio_eos
+        add(1, input_id=t, label=t if piece.trained else IGNORE_ID,
+            speech_label=[[speech.eos_id] * group] if eos_group else None)
+    elif isinstance(piece, Speech):
+      n = math.ceil(len(piece.codes) / group)
+      padding = n * group - len(piece.codes)
+      stream = list(piece.codes) + [speech.pad_id] * padding
+      code_groups = [stream[p * group:(p + 1) * group] for p in range(n)]
+      frame_groups = None
+      if piece.mel is not None:
+        base = len(windows) * pooled_per_window
+        available = encoder_frames(len(piece.mel))
+        for start in range(0, len(piece.mel), window):
+          chunk = piece.mel[start:start + window]
+          windows.append(np.pad(chunk, ((0, window - len(chunk)), (0, 0))))
+          window_lengths.append(len(chunk))
+        frame_groups = [[base + k if k < available else -1 for k in range(p * group, (p + 1) * group)]
+                        for p in range(n)]
+      text = None
+      if piece.text is not None:
+        text = [tokens.sil if t in (tokens.endoftext, tokens.im_end) else t for t in piece.text[:n]]
+        text += [tokens.sil] * (n - len(text))
+      speech_label = None
+      if piece.trained:
+        targets = list(piece.codes) + [IGNORE_ID] * padding
+        speech_label = [targets[p * group:(p + 1) * group] for p in range(n)]
+      add(n, input_id=text if text is not None else tokens.audio, is_audio=True,
+          is_continuous=piece.mel is not None, text=text is not None, code_groups=code_groups,
+          frame_groups=frame_groups, label=text if piece.trained and text else IGNORE_ID,
+          speech_label=speech_label)
+    else:
+      raise TypeError(f'unknown conversation piece {type(piece).__name__}')
+
+  length = len(ids)
+  text_targets = labels[1:] + [IGNORE_ID]
+  speech_targets = speech_labels[1:] + [[IGNORE_ID] * group]
+  mels = cfg.encoder.num_mel_bins
+  return {
+      'input_ids': np.asarray(ids, np.int32),
+      'positions': np.arange(length, dtype=np.int32),
+      'segment_ids': np.ones(length, np.int32),
+      'audio_mask': np.asarray(audio, bool),
+      'continuous_mask': np.asarray(continuous, bool),
+      'text_mask': np.asarray(has_text, bool),
+      'speech_codes': np.asarray(codes, np.int32).reshape(length, group),
+      'mel': np.asarray(windows, np.float32).reshape(-1, window, mels),
+      'mel_lengths': np.asarray(window_lengths, np.int32),
+      'continuous_frames': np.asarray(frames, np.int32).reshape(length, group),
+      'text_targets': np.asarray(text_targets, np.int32),
+      'speech_targets': np.asarray(speech_targets, np.int32).reshape(length, group),
+  }
+
+
+def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
+         cfg: ml_collections.ConfigDict) -> dict:
+  """Batch of B rows, each packing its formatted conversations (segments 1, 2, ...) and padding
+  to `seq_len` positions and `num_windows` mel windows."""
+  pooled_per_window = cfg.encoder.window_frames // 4
+  fill = {'input_ids': cfg.tokens.endoftext, 'speech_codes': cfg.speech.pad_id,
+          'continuous_frames': -1, 'text_targets': IGNORE_ID, 'speech_targets': IGNORE_ID}
+  batch = {name: [] for name in FIELDS}
+  for r, row in enumerate(rows):
+    parts = {name: [] for name in FIELDS}
+    windows_so_far = 0
+    for segment, example in enumerate(row, start=1):
+      for name in FIELDS:
+        value = example[name]
+        if name == 'segment_ids':
+          value = np.full_like(value, segment)
+        elif name == 'continuous_frames':
+          value = np.where(value >= 0, value + windows_so_far * pooled_per_window, -1)
+        parts[name].append(value)
+      windows_so_far += len(example['mel_lengths'])
+    for name in FIELDS:
+      value = np.concatenate(parts[name]) if parts[name] else None
+      target = num_windows if name in ('mel', 'mel_lengths') else seq_len
+      if len(value) > target:
+        what = 'mel windows' if target == num_windows else 'positions'
+        raise ValueError(f'row {r} needs {len(value)} {what}; the batch has room for {target}')
+      pad = [(0, target - len(value))] + [(0, 0)] * (value.ndim - 1)
+      batch[name].append(np.pad(value, pad, constant_values=fill.get(name, 0)))
+  return {name: np.stack(values) for name, values in batch.items()}
