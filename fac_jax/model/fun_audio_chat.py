@@ -142,9 +142,10 @@ def compute_losses(outputs: dict, batch: dict) -> dict:
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> FunAudioChat:
-  return FunAudioChat(cfg, rngs=nnx.Rngs(seed))
+  """A randomly initialised model (initialisation compiled as one program: faster than eager)."""
+  return nnx.jit(lambda: FunAudioChat(cfg, rngs=nnx.Rngs(seed)))()
 
 
 def abstract_model(cfg: ml_collections.ConfigDict) -> FunAudioChat:
   """The model with ShapeDtypeStructs for parameters: no memory, no compute."""
-  return nnx.eval_shape(lambda: create(cfg))
+  return nnx.eval_shape(lambda: FunAudioChat(cfg, rngs=nnx.Rngs(0)))
