@@ -52,12 +52,13 @@ FIELDS = {
 }
 
 
-def check(batch: dict, group_size: int, window_frames: int, num_mel_bins: int) -> None:
+def check(batch: dict, model_config) -> None:
   """Raises ValueError naming the field if the batch is missing a field or has a wrong shape."""
   missing = sorted(set(FIELDS) - set(batch))
   if missing:
     raise ValueError(f'batch is missing fields {missing}; expected {sorted(FIELDS)}')
-  sizes = {'G': group_size, 'F': window_frames, 'M': num_mel_bins}
+  sizes = {'G': model_config.speech.group_size, 'F': model_config.encoder.window_frames,
+           'M': model_config.encoder.num_mel_bins}
   for name, dims in FIELDS.items():
     shape = np.shape(batch[name])
     if len(shape) != len(dims):

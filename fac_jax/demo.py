@@ -44,8 +44,8 @@ def main(argv):
   make_batch = lambda: synthetic.batch(rng, cfg.model, _BATCH_SIZE.value, _SEQ_LEN.value,
                                        _NUM_WINDOWS.value)
   first = make_batch()
-  train_step, batch_shardings = steps.jit_train_step(graphdef, optimizer, mesh, param_shardings,
-                                                     opt_shardings, first)
+  train_step, batch_shardings = steps.jit_train_step(
+      cfg.model, graphdef, optimizer, mesh, param_shardings, opt_shardings, first)
   batch = first
   for step in range(1, _STEPS.value + 1):
     start = time.time()

@@ -137,7 +137,8 @@ def load_params(tensors: Mapping[str, np.ndarray], maps: list[TensorMap]) -> dic
   return params
 
 
-def config_from_official(hf_config: Mapping, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def config_from_official(hf_config: Mapping,
+                         base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Our model config from an official config.json (`model_type: funaudiochat`)."""
   if hf_config.get('model_type') != 'funaudiochat':
     raise ValueError(f"config.json: model_type is {hf_config.get('model_type')!r}; expected "

@@ -7,6 +7,7 @@ from flax import nnx
 import ml_collections
 import optax
 
+from fac_jax import batch as batch_lib
 from fac_jax import sharding
 from fac_jax.model import fun_audio_chat
 
@@ -42,18 +43,22 @@ def init_sharded(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransf
     params = nnx.to_pure_dict(nnx.split(fun_audio_chat.create(cfg, seed))[1])
     return params, optimizer.init(params)
 
-  abstract_params, abstract_opt = jax.eval_shape(init)
+  _, abstract_opt = jax.eval_shape(init)
   # Optimizer moments follow their parameter's sharding; scalars are replicated.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
                                         transform_non_params=lambda _: replicated)
-  del abstract_params
   params, opt_state = jax.jit(init, out_shardings=(param_shardings, opt_shardings))()
   return graphdef, params, opt_state, param_shardings, opt_shardings
 
 
-def jit_train_step(graphdef, optimizer, mesh, param_shardings, opt_shardings, batch_example):
-  """The train step jitted with explicit in/out shardings; params and optimizer state donated."""
+def jit_train_step(cfg: ml_collections.ConfigDict, graphdef, optimizer, mesh, param_shardings,
+                   opt_shardings, batch_example):
+  """The train step jitted with explicit in/out shardings; params and optimizer state donated.
+
+  `batch_example` fixes the batch layout; it is checked against fac_jax.batch first.
+  """
+  batch_lib.check(batch_example, cfg)
   batch_shardings = sharding.batch_shardings(batch_example, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(make_train_step(graphdef, optimizer),

@@ -20,12 +20,13 @@ def run(cfg, mesh, batch, num_steps=2):
   optimizer = optax.sgd(0.1)  # Adam would amplify rounding in near-zero gradients
   graphdef, params, opt_state, param_shardings, opt_shardings = steps.init_sharded(
       cfg.model, optimizer, mesh, seed=0)
-  train_step, batch_shardings = steps.jit_train_step(graphdef, optimizer, mesh, param_shardings,
-                                                     opt_shardings, batch)
+  train_step, batch_shardings = steps.jit_train_step(
+      cfg.model, graphdef, optimizer, mesh, param_shardings, opt_shardings, batch)
   initial = jax.device_get(params)
   losses = []
   for _ in range(num_steps):
-    params, opt_state, metrics = train_step(params, opt_state, jax.device_put(batch, batch_shardings))
+    params, opt_state, metrics = train_step(params, opt_state,
+                                            jax.device_put(batch, batch_shardings))
     losses.append(float(metrics['loss']))
   specs = jax.tree.map(lambda x: str(x.sharding.spec), params)
   return initial, jax.device_get(params), losses, specs

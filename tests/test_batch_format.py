@@ -14,15 +14,13 @@ import official_tiny
 def test_check_names_the_bad_field(tiny_config):
   cfg = tiny_config.model
   good = synthetic.batch(np.random.default_rng(0), cfg, 2, 96, 16)
-  batch_lib.check(good, cfg.speech.group_size, cfg.encoder.window_frames, cfg.encoder.num_mel_bins)
+  batch_lib.check(good, cfg)
   bad = dict(good, speech_codes=good['speech_codes'][..., :4])
   with pytest.raises(ValueError, match="'speech_codes'.*dim G should be 5"):
-    batch_lib.check(bad, cfg.speech.group_size, cfg.encoder.window_frames,
-                    cfg.encoder.num_mel_bins)
+    batch_lib.check(bad, cfg)
   missing = {k: v for k, v in good.items() if k != 'mel'}
   with pytest.raises(ValueError, match=r"missing fields \['mel'\]"):
-    batch_lib.check(missing, cfg.speech.group_size, cfg.encoder.window_frames,
-                    cfg.encoder.num_mel_bins)
+    batch_lib.check(missing, cfg)
 
 
 def test_pack_refuses_rows_that_do_not_fit(tiny_config):

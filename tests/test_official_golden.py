@@ -4,10 +4,15 @@ Weights and batch come from the official layout and format; tolerance: logits an
 within max relative error 1e-4 (relative to the largest reference magnitude), losses within 1e-5.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
+from fac_jax import official_layout
 
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import official_batch
@@ -44,6 +49,14 @@ def test_losses_and_logits_match_official(golden):
   speech_valid = np.repeat(valid, group, axis=1)
   assert max_rel_err(np.asarray(outputs['speech_logits'])[speech_valid],
                      reference['out.speech_logits'][speech_valid]) < 1e-4
+
+
+def test_every_official_tensor_is_mapped(golden):
+  cfg = golden[0]
+  names = set(load_file(os.path.join(official_tiny.DIR, 'model.safetensors')))
+  mapped = {key for m in official_layout.fun_audio_chat_maps(cfg) for key in m.keys}
+  assert mapped <= names
+  assert names - mapped <= set(official_layout.UNUSED_OFFICIAL_KEYS)
 
 
 def test_batch_targets_are_the_official_labels_shifted(golden):

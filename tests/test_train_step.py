@@ -91,3 +91,18 @@ def test_unknown_remat_policy_is_refused(tiny_config):
   model = fun_audio_chat.create(cfg)
   with pytest.raises(ValueError, match='remat_policy'):
     model(jax.tree.map(jnp.asarray, batch))
+
+
+def test_bfloat16_compute_tracks_float32(tiny_config):
+  cfg = tiny_config.model
+  batch = synthetic.batch(np.random.default_rng(6), cfg, batch_size=2, seq_len=96, num_windows=16)
+  graphdef32, params = split_params(cfg)
+  bf16 = copy.deepcopy(cfg)
+  bf16.dtype = 'bfloat16'
+  graphdef16, _ = split_params(bf16)
+  out32 = jax.jit(lambda p: steps.loss_fn(graphdef32, p, batch)[1])(params)
+  out16, logits16 = jax.jit(lambda p: (steps.loss_fn(graphdef16, p, batch)[1],
+                                       nnx.merge(graphdef16, p)(batch)))(params)
+  assert logits16['text_logits'].dtype == jnp.bfloat16
+  for name in ('text_loss', 'speech_loss'):
+    np.testing.assert_allclose(float(out16[name]), float(out32[name]), rtol=2e-2)

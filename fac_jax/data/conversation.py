@@ -89,8 +89,8 @@ def format_conversation(pieces, cfg: ml_collections.ConfigDict) -> dict:
           chunk = piece.mel[start:start + window]
           windows.append(np.pad(chunk, ((0, window - len(chunk)), (0, 0))))
           window_lengths.append(len(chunk))
-        frame_groups = [[base + k if k < available else -1 for k in range(p * group, (p + 1) * group)]
-                        for p in range(n)]
+        frame_groups = [[base + k if k < available else -1
+                         for k in range(p * group, (p + 1) * group)] for p in range(n)]
       text = None
       if piece.text is not None:
         text = [tokens.sil if t in (tokens.endoftext, tokens.im_end) else t for t in piece.text[:n]]

@@ -16,7 +16,8 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.rope_theta = cfg.rope_theta
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    d, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    d = cfg.hidden_size
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     self.q_proj = layers.linear(d, q_dim, ('embed', 'heads'), **kw)
     self.k_proj = layers.linear(d, kv_dim, ('embed', 'kv_heads'), **kw)
     self.v_proj = layers.linear(d, kv_dim, ('embed', 'kv_heads'), **kw)
