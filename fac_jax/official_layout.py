@@ -5,8 +5,9 @@ is our kernel [in, out]; a Conv1d weight [out, in, k] is our kernel [k, in, out]
 stack on a leading axis are separate tensors there, one per layer.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
+import json
 
 import ml_collections
 import numpy as np
@@ -122,18 +123,17 @@ def fun_audio_chat_maps(cfg: ml_collections.ConfigDict) -> list[TensorMap]:
 
 
 def load_params(tensors: Mapping[str, np.ndarray], maps: list[TensorMap]) -> dict:
-  """Builds our nested parameter dict from official tensors (name -> array)."""
+  """Our nested parameter dict from official tensors held in memory (name -> array)."""
   missing = [k for m in maps for k in m.keys if k not in tensors]
   if missing:
     raise KeyError(f'official tensors missing {len(missing)} keys, first: {missing[:5]}')
   params: dict = {}
   for m in maps:
-    arrays = [to_ours(np.asarray(tensors[k]), m.layout) for k in m.keys]
-    value = np.stack(arrays) if m.stacked else arrays[0]
     node = params
     for name in m.path[:-1]:
       node = node.setdefault(name, {})
-    node[m.path[-1]] = value
+    full = (slice(None),) * (np.ndim(tensors[m.keys[0]]) + m.stacked)
+    node[m.path[-1]] = read_block(tensors.__getitem__, m, full)
   return params
 
 
@@ -170,3 +170,49 @@ def config_from_official(hf_config: Mapping,
   if audio.get('output_dim', text['hidden_size']) != text['hidden_size']:
     raise ValueError('config.json: audio_config.output_dim must equal text_config.hidden_size')
   return cfg
+
+
+def official_shape(our_shape: tuple[int, ...], m: TensorMap) -> tuple[int, ...]:
+  """Shape of one official tensor of map `m`, given our leaf's shape."""
+  shape = tuple(our_shape[1:] if m.stacked else our_shape)
+  return tuple(reversed(shape)) if m.layout in ('linear', 'conv1d') else shape
+
+
+def read_block(read: Callable[[str], np.ndarray], m: TensorMap, index: tuple) -> np.ndarray:
+  """The block `index` (slices in our layout) of our leaf for map `m`, reading only that part of
+  each official tensor (memory-mapped arrays make the rest free)."""
+  keys, index = (m.keys[index[0]], tuple(index[1:])) if m.stacked else (m.keys, tuple(index))
+  their_index = tuple(reversed(index)) if m.layout in ('linear', 'conv1d') else index
+  blocks = [to_ours(np.asarray(read(k)[their_index]), m.layout) for k in keys]
+  return np.stack(blocks) if m.stacked else blocks[0]
+
+
+def config_to_official(cfg: ml_collections.ConfigDict, template: Mapping) -> dict:
+  """An official config.json: `template` (the imported original) with every field our config
+  determines written from `cfg`."""
+  out = json.loads(json.dumps(template))
+  text, audio = out.setdefault('text_config', {}), out.setdefault('audio_config', {})
+  head = audio.setdefault('crq_transformer_config', {})
+
+  def decoder(c):
+    return dict(num_hidden_layers=c.num_layers, hidden_size=c.hidden_size,
+                num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                head_dim=c.head_dim, intermediate_size=c.mlp_dim, rope_theta=c.rope_theta,
+                rms_norm_eps=c.norm_eps)
+
+  out['model_type'] = 'funaudiochat'
+  out['hidden_size'] = cfg.llm.hidden_size
+  out['audio_token_index'] = cfg.tokens.audio
+  text.update(decoder(cfg.llm), vocab_size=cfg.llm.vocab_size,
+              audio_bos_index=cfg.tokens.audio_bos, audio_eos_index=cfg.tokens.audio_eos,
+              sil_index=cfg.tokens.sil)
+  head.update(decoder(cfg.speech_refined_head))
+  enc = cfg.encoder
+  audio.update(num_mel_bins=enc.num_mel_bins, d_model=enc.hidden_size,
+               encoder_layers=enc.num_layers, num_hidden_layers=enc.num_layers,
+               encoder_attention_heads=enc.num_heads, encoder_ffn_dim=enc.mlp_dim,
+               n_window=enc.window_frames // 2, max_source_positions=enc.max_positions,
+               output_dim=cfg.llm.hidden_size, codebook_size=cfg.speech.codebook_size,
+               bos_token_id=cfg.speech.bos_id, eos_token_id=cfg.speech.eos_id,
+               pad_token_id=cfg.speech.pad_id, group_size=cfg.speech.group_size)
+  return out

@@ -1,0 +1,222 @@
+"""Import the released Fun-Audio-Chat checkpoint layout into a fac_jax checkpoint, and export back.
+
+  python -m fac_jax.convert import --hf_dir=DIR --out=CKPT [--dtype=bfloat16] [--mesh=data:1,fsdp:-1,tensor:1]
+  python -m fac_jax.convert export --ckpt=CKPT --out=DIR [--max_shard_gb=5] [--dtype=bfloat16]
+
+Import checks everything before writing anything (model_type, keys, shapes, truncated files),
+then converts tensor by tensor: each parameter is assembled from memory-mapped safetensors and
+placed straight onto its sharding, so host memory holds about one parameter at a time beyond
+what the devices hold. Export streams the parameters back into safetensors shards with an index.
+"""
+
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+import tqdm
+
+from fac_jax import checkpoint, official_layout, safetensors_io, sharding, tokenizer
+from fac_jax import config as config_lib
+from fac_jax.model import fun_audio_chat
+
+SIDE_FILES = ('config.json', 'generation_config.json', 'processor_config.json',
+              'preprocessor_config.json') + tokenizer.TOKENIZER_FILES
+UNUSED_TENSORS_FILE = 'unused_tensors.safetensors'
+TORCH_DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float16'}
+
+
+class CheckpointError(ValueError):
+  """The official checkpoint does not have what its config.json promises."""
+
+
+def read_official_config(hf_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.exists(path):
+    raise CheckpointError(f'{hf_dir}: no config.json')
+  with open(path) as f:
+    hf_config = json.load(f)
+  try:
+    cfg = official_layout.config_from_official(hf_config, config_lib.default_config().model)
+  except KeyError as e:
+    raise CheckpointError(f'{path}: missing field {e}') from None
+  except ValueError as e:
+    raise CheckpointError(f'{path}: {e}') from None
+  if any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'vocab.json')):
+    ids = tokenizer.special_ids(tokenizer.load(hf_dir), hf_dir)
+    for field in ('audio', 'audio_bos', 'audio_eos', 'sil'):
+      if ids[field] != cfg.tokens[field]:
+        raise CheckpointError(f'{hf_dir}: {tokenizer.SPECIAL_TOKENS[field]} is id {ids[field]} in '
+                              f'the tokenizer but {cfg.tokens[field]} in config.json')
+    cfg.tokens.update(ids)
+  else:
+    logging.warning('%s has no tokenizer files: special ids come from config.json; im_start and '
+                    'im_end keep their defaults', hf_dir)
+  return hf_config, cfg
+
+
+def check_tensors(tensors: safetensors_io.Checkpoint, maps, abstract_params: dict) -> None:
+  """Refuses, listing every problem, if keys are missing or unexpected or shapes differ."""
+  expected = {k for m in maps for k in m.keys}
+  found = set(tensors.keys())
+  problems = []
+  missing = sorted(expected - found)
+  if missing:
+    problems.append(f'missing {len(missing)} keys: {missing[:20]}')
+  unexpected = sorted(found - expected - set(official_layout.UNUSED_OFFICIAL_KEYS))
+  if unexpected:
+    problems.append(f'unexpected {len(unexpected)} keys: {unexpected[:20]}')
+  for m in maps:
+    leaf = abstract_params
+    for name in m.path:
+      leaf = leaf[name]
+    want = official_layout.official_shape(leaf.shape, m)
+    for key in m.keys:
+      if key in found and tensors.shape(key) != want:
+        problems.append(f'{key}: expected shape {want}, found {tensors.shape(key)}')
+  if problems:
+    raise CheckpointError('official checkpoint refused:\n  ' + '\n  '.join(problems))
+
+
+def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> str:
+  """Official folder -> fac_jax checkpoint at `out`. Returns the committed path."""
+  hf_config, cfg = read_official_config(hf_dir)
+  cfg.param_dtype = dtype or TORCH_DTYPES.get(hf_config.get('torch_dtype'), 'float32')
+  try:
+    tensors = safetensors_io.Checkpoint(hf_dir)
+  except safetensors_io.FormatError as e:
+    raise CheckpointError(str(e)) from None
+  maps = official_layout.fun_audio_chat_maps(cfg)
+  _, abstract_state = nnx.split(fun_audio_chat.abstract_model(cfg))
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  check_tensors(tensors, maps, abstract_params)
+  if mesh is None:
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
+                              jax.devices()[:1])
+  shardings = sharding.param_shardings(abstract_state, mesh)
+
+  writer = checkpoint.Writer(out, cfg)
+  target = jnp.dtype(cfg.param_dtype)
+  total = sum(int(np.prod(tensors.shape(k))) * target.itemsize for m in maps for k in m.keys)
+  with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='import') as progress:
+    for m in maps:
+      leaf, leaf_sharding = abstract_params, shardings
+      for name in m.path:
+        leaf, leaf_sharding = leaf[name], leaf_sharding[name]
+      array = jax.make_array_from_callback(
+          leaf.shape, leaf_sharding,
+          lambda index, m=m: official_layout.read_block(tensors.array, m, index).astype(target))
+      writer.add(m.path, array)
+      progress.update(array.size * target.itemsize)
+  unused = [k for k in official_layout.UNUSED_OFFICIAL_KEYS if k in tensors.keys()]
+  if unused:
+    shards = safetensors_io.plan_shards(
+        [(k, tensors.shape(k), tensors.file_of(k).dtype(k)) for k in unused], 1 << 62)
+    shards_dir = os.path.join(writer.dir, checkpoint.OFFICIAL, 'unused')
+    os.makedirs(shards_dir)
+    safetensors_io.write_sharded(shards_dir, shards, (tensors.array(k) for k in unused))
+  for name in SIDE_FILES:
+    if os.path.exists(os.path.join(hf_dir, name)):
+      writer.add_official_file(os.path.join(hf_dir, name))
+  return writer.commit()
+
+
+def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
+                      dtype: str | None = None) -> str:
+  """fac_jax checkpoint -> official folder at `out` (safetensors shards, index, config.json)."""
+  cfg = checkpoint.load_config(ckpt)
+  official_dir = os.path.join(ckpt, checkpoint.OFFICIAL)
+  template = {}
+  if os.path.exists(os.path.join(official_dir, 'config.json')):
+    with open(os.path.join(official_dir, 'config.json')) as f:
+      template = json.load(f)
+  hf_config = official_layout.config_to_official(cfg, template)
+  dtype = dtype or hf_config.get('torch_dtype') or cfg.param_dtype
+  hf_config['torch_dtype'] = dtype
+  target = np.dtype(jnp.dtype(dtype))
+
+  final = os.path.abspath(out)
+  if os.path.exists(final):
+    raise FileExistsError(f'{final} exists; refusing to overwrite')
+  work = final + '.incomplete'
+  shutil.rmtree(work, ignore_errors=True)
+  os.makedirs(work)
+
+  maps = official_layout.fun_audio_chat_maps(cfg)
+  saved = checkpoint.saved_shapes(ckpt)
+  unused_dir = os.path.join(official_dir, 'unused')
+  unused = safetensors_io.Checkpoint(unused_dir) if os.path.isdir(unused_dir) else None
+  plan = []
+  for m in maps:
+    leaf = saved
+    for name in m.path:
+      leaf = leaf[name]
+    plan += [(k, official_layout.official_shape(leaf[0], m), target) for k in m.keys]
+  if unused is not None:
+    plan += [(k, unused.shape(k), unused.file_of(k).dtype(k)) for k in unused.keys()]
+
+  reader = checkpoint.Reader(ckpt)
+
+  def arrays():
+    for m in tqdm.tqdm(maps, desc='export', unit='parameter'):
+      tree = reader.load(paths=[m.path])
+      for name in m.path:
+        tree = tree[name]
+      leaf = np.asarray(jax.device_get(tree))
+      for i in range(len(m.keys)):
+        yield official_layout.to_official(leaf[i] if m.stacked else leaf, m.layout).astype(target)
+    if unused is not None:
+      for k in unused.keys():
+        yield unused.array(k)
+
+  safetensors_io.write_sharded(work, safetensors_io.plan_shards(plan, max_shard_bytes), arrays())
+  with open(os.path.join(work, 'config.json'), 'w') as f:
+    json.dump(hf_config, f, indent=2)
+  for name in SIDE_FILES:
+    if name != 'config.json' and os.path.exists(os.path.join(official_dir, name)):
+      shutil.copy(os.path.join(official_dir, name), work)
+  os.rename(work, final)
+  return final
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('hf_dir', None, 'import: the official checkpoint folder.')
+flags.DEFINE_string('ckpt', None, 'export: the fac_jax checkpoint.')
+flags.DEFINE_string('out', None, 'Where to write (must not exist).')
+flags.DEFINE_string('dtype', None, 'Parameter dtype to write (default: as stored).')
+flags.DEFINE_string('mesh', None, 'import: place parameters on this mesh, e.g. '
+                    'data:1,fsdp:-1,tensor:1 (default: one device).')
+flags.DEFINE_float('max_shard_gb', 5.0, 'export: size limit of one safetensors shard.')
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ('import', 'export'):
+    raise app.UsageError('usage: python -m fac_jax.convert import|export --out=... ')
+  if not FLAGS.out:
+    raise app.UsageError('--out is required')
+  start = time.time()
+  if argv[1] == 'import':
+    if not FLAGS.hf_dir:
+      raise app.UsageError('import needs --hf_dir')
+    mesh = None
+    if FLAGS.mesh:
+      mesh = sharding.make_mesh(ml_collections.ConfigDict(
+          {k: int(v) for k, v in (part.split(':') for part in FLAGS.mesh.split(','))}))
+    path = import_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, mesh)
+  else:
+    if not FLAGS.ckpt:
+      raise app.UsageError('export needs --ckpt')
+    path = export_checkpoint(FLAGS.ckpt, FLAGS.out, int(FLAGS.max_shard_gb * (1 << 30)),
+                             FLAGS.dtype)
+  print(f'{argv[1]}: wrote {path} in {time.time() - start:.1f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)
