@@ -80,6 +80,11 @@ def check_tensors(tensors: safetensors_io.Checkpoint, maps, abstract_params: dic
     for key in m.keys:
       if key in found and tensors.shape(key) != want:
         problems.append(f'{key}: expected shape {want}, found {tensors.shape(key)}')
+  tied, embedding = 'audio_invert_tower.lm_head.weight', 'audio_tower.embed_tokens.weight'
+  if tied in found and embedding in found and not np.array_equal(tensors.array(tied),
+                                                                 tensors.array(embedding)):
+    problems.append(f'{tied} differs from {embedding}; the model ties them (the official '
+                    'tie_weights), so both must hold the same values')
   if problems:
     raise CheckpointError('official checkpoint refused:\n  ' + '\n  '.join(problems))
 

@@ -3,11 +3,10 @@
 import json
 import os
 
-import jax
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
 
+from fac_jax import checkpoint, convert
 from fac_jax import config as config_lib
 from fac_jax import official_layout
 from fac_jax.model import fun_audio_chat
@@ -23,11 +22,14 @@ def model_config():
   return cfg
 
 
-def model(cfg):
-  params = official_layout.load_params(load_file(os.path.join(DIR, 'model.safetensors')),
-                                       official_layout.fun_audio_chat_maps(cfg))
+def imported_model(ckpt_dir):
+  """Imports the golden folder with `python -m fac_jax.convert import` logic; the model and its
+  config as the checkpoint holds them."""
+  reader = checkpoint.Reader(convert.import_checkpoint(DIR, ckpt_dir))
+  cfg = reader.config
+  cfg.tokens.update(im_start=201, im_end=202)  # no tokenizer in the golden folder
   graphdef, _ = nnx.split(fun_audio_chat.abstract_model(cfg))
-  return nnx.merge(graphdef, jax.tree.map(np.asarray, params))
+  return cfg, nnx.merge(graphdef, reader.load())
 
 
 def forward_reference():
