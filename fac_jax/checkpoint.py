@@ -9,6 +9,7 @@ so an interrupted write never leaves a folder that looks complete.
 """
 
 from collections.abc import Iterable
+import ctypes
 import json
 import os
 import shutil
@@ -28,10 +29,11 @@ OFFICIAL = 'official'
 
 
 class Writer:
-  """Writes a checkpoint: `add` leaves (flushed in batches of about `batch_bytes`), then `commit`."""
+  """Writes a checkpoint: `add` leaves (saved in batches of at most `batch_bytes`, or one leaf
+  when it is larger), then `commit`."""
 
   def __init__(self, ckpt_dir: str, model_config: ml_collections.ConfigDict,
-               batch_bytes: int = 1 << 30):
+               batch_bytes: int = 256 << 20):
     self.final_dir = os.path.abspath(ckpt_dir)
     if os.path.exists(self.final_dir):
       raise FileExistsError(f'{self.final_dir} exists; refusing to overwrite a checkpoint')
@@ -45,18 +47,19 @@ class Writer:
     self._pending_bytes = 0
 
   def add(self, path: tuple[str, ...], array) -> None:
+    if self._pending_bytes + array.nbytes > self.batch_bytes:
+      self.flush()
     node = self._pending
     for name in path[:-1]:
       node = node.setdefault(name, {})
     node[path[-1]] = array
     self._pending_bytes += array.nbytes
-    if self._pending_bytes >= self.batch_bytes:
-      self.flush()
 
   def flush(self) -> None:
     if self._pending:
       ocp.partial.save(os.path.join(self.dir, PARAMS), self._pending)
       self._pending, self._pending_bytes = {}, 0
+      release_freed_memory()
 
   def add_official_file(self, source: str) -> None:
     shutil.copy(source, os.path.join(self.dir, OFFICIAL, os.path.basename(source)))
@@ -75,6 +78,15 @@ def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
                             f'and {PARAMS}/)')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f)['model'])
+
+
+def release_freed_memory() -> None:
+  """Returns freed heap pages to the OS (glibc keeps them otherwise), so that the peak resident
+  memory of a leaf-by-leaf conversion follows the leaf in flight, not every leaf seen so far."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: nothing to do
+    pass
 
 
 def _is_shape_dtype(x) -> bool:

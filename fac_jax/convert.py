@@ -115,11 +115,14 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
       leaf, leaf_sharding = abstract_params, shardings
       for name in m.path:
         leaf, leaf_sharding = leaf[name], leaf_sharding[name]
+      # read_block gives views of the memory maps; the device buffer is the only copy.
       array = jax.make_array_from_callback(
           leaf.shape, leaf_sharding,
-          lambda index, m=m: official_layout.read_block(tensors.array, m, index).astype(target))
+          lambda index, m=m: official_layout.read_block(tensors.array, m, index).astype(
+              target, copy=False))
       writer.add(m.path, array)
       progress.update(array.size * target.itemsize)
+      del array
   unused = [k for k in official_layout.UNUSED_OFFICIAL_KEYS if k in tensors.keys()]
   if unused:
     shards = safetensors_io.plan_shards(
@@ -176,7 +179,9 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
         tree = tree[name]
       leaf = np.asarray(jax.device_get(tree))
       for i in range(len(m.keys)):
-        yield official_layout.to_official(leaf[i] if m.stacked else leaf, m.layout).astype(target)
+        yield official_layout.to_official(leaf[i] if m.stacked else leaf, m.layout)
+      del tree, leaf
+      checkpoint.release_freed_memory()
     if unused is not None:
       for k in unused.keys():
         yield unused.array(k)

@@ -152,6 +152,17 @@ def plan_shards(tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
   return shards
 
 
+def _write_array(f, array: np.ndarray, dtype: np.dtype, chunk_bytes: int = 64 << 20) -> None:
+  """Writes C-order bytes in chunks, so a transposed view is never copied whole."""
+  if array.ndim == 0:
+    f.write(np.asarray(array, dtype).tobytes())
+    return
+  row_bytes = max(1, array[0].size * dtype.itemsize)
+  step = max(1, chunk_bytes // row_bytes)
+  for start in range(0, len(array), step):
+    f.write(np.ascontiguousarray(array[start:start + step], dtype=dtype).reshape(-1).view(np.uint8))
+
+
 def write_sharded(folder: str, shards: list[list[tuple[str, tuple[int, ...], np.dtype]]],
                   arrays: Iterator[np.ndarray]) -> dict:
   """Writes planned shards, pulling each tensor from `arrays` in plan order (one in memory at a
@@ -163,12 +174,12 @@ def write_sharded(folder: str, shards: list[list[tuple[str, tuple[int, ...], np.
     with open(os.path.join(folder, name), 'wb') as f:
       f.write(_header(shard))
       for key, shape, dtype in shard:
-        array = np.ascontiguousarray(next(arrays), dtype=dtype)
+        array = next(arrays)
         if array.shape != shape:
           raise ValueError(f'tensor {key!r}: planned shape {shape}, got {array.shape}')
-        f.write(array.tobytes())
+        _write_array(f, array, dtype)
         weight_map[key] = name
-        total += array.nbytes
+        total += array.size * dtype.itemsize
   index = {'metadata': {'total_size': total}, 'weight_map': weight_map}
   with open(os.path.join(folder, INDEX_NAME), 'w') as f:
     json.dump(index, f, indent=2)
