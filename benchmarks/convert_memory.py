@@ -47,10 +47,8 @@ def write_synthetic(folder: str, layers: int) -> None:
   shapes = nnx.to_pure_dict(state)
   plan = []
   for m in official_layout.fun_audio_chat_maps(cfg):
-    leaf = shapes
-    for name in m.path:
-      leaf = leaf[name]
-    plan += [(k, official_layout.official_shape(leaf.shape, m), np.dtype(ml_dtypes.bfloat16))
+    shape = official_layout.at_path(shapes, m.path).shape
+    plan += [(k, official_layout.official_shape(shape, m), np.dtype(ml_dtypes.bfloat16))
              for k in m.keys]
   rng = np.random.default_rng(0)
   arrays = (rng.integers(0, 0x3F80, size=shape, dtype=np.uint16).view(ml_dtypes.bfloat16)

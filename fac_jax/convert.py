@@ -73,10 +73,8 @@ def check_tensors(tensors: safetensors_io.Checkpoint, maps, abstract_params: dic
   if unexpected:
     problems.append(f'unexpected {len(unexpected)} keys: {unexpected[:20]}')
   for m in maps:
-    leaf = abstract_params
-    for name in m.path:
-      leaf = leaf[name]
-    want = official_layout.official_shape(leaf.shape, m)
+    want = official_layout.official_shape(official_layout.at_path(abstract_params, m.path).shape,
+                                          m)
     for key in m.keys:
       if key in found and tensors.shape(key) != want:
         problems.append(f'{key}: expected shape {want}, found {tensors.shape(key)}')
@@ -112,12 +110,10 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
   total = sum(int(np.prod(tensors.shape(k))) * target.itemsize for m in maps for k in m.keys)
   with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='import') as progress:
     for m in maps:
-      leaf, leaf_sharding = abstract_params, shardings
-      for name in m.path:
-        leaf, leaf_sharding = leaf[name], leaf_sharding[name]
       # read_block gives views of the memory maps; the device buffer is the only copy.
       array = jax.make_array_from_callback(
-          leaf.shape, leaf_sharding,
+          official_layout.at_path(abstract_params, m.path).shape,
+          official_layout.at_path(shardings, m.path),
           lambda index, m=m: official_layout.read_block(tensors.array, m, index).astype(
               target, copy=False))
       writer.add(m.path, array)
@@ -163,10 +159,8 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
   unused = safetensors_io.Checkpoint(unused_dir) if os.path.isdir(unused_dir) else None
   plan = []
   for m in maps:
-    leaf = saved
-    for name in m.path:
-      leaf = leaf[name]
-    plan += [(k, official_layout.official_shape(leaf[0], m), target) for k in m.keys]
+    shape, _ = official_layout.at_path(saved, m.path)
+    plan += [(k, official_layout.official_shape(shape, m), target) for k in m.keys]
   if unused is not None:
     plan += [(k, unused.shape(k), unused.file_of(k).dtype(k)) for k in unused.keys()]
 
@@ -174,13 +168,11 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
 
   def arrays():
     for m in tqdm.tqdm(maps, desc='export', unit='parameter'):
-      tree = reader.load(paths=[m.path])
-      for name in m.path:
-        tree = tree[name]
-      leaf = np.asarray(jax.device_get(tree))
+      leaf = np.asarray(jax.device_get(official_layout.at_path(reader.load(paths=[m.path]),
+                                                               m.path)))
       for i in range(len(m.keys)):
         yield official_layout.to_official(leaf[i] if m.stacked else leaf, m.layout)
-      del tree, leaf
+      del leaf
       checkpoint.release_freed_memory()
     if unused is not None:
       for k in unused.keys():

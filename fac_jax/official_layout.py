@@ -21,6 +21,13 @@ class TensorMap:
   stacked: bool = False
 
 
+def at_path(tree: Mapping, path: tuple[str, ...]):
+  """The node of a nested dict at `path`."""
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
 def to_ours(array: np.ndarray, layout: str) -> np.ndarray:
   if layout == 'linear':
     return array.T
