@@ -101,16 +101,14 @@ def saved_shapes(ckpt_dir: str) -> dict:
 
 
 class Reader:
-  """Reads a checkpoint's parameters straight into their shardings on `mesh` (one device if None)."""
+  """Reads a checkpoint's parameters straight into their shardings on `mesh` (default: the mesh
+  in scope, else one device)."""
 
   def __init__(self, ckpt_dir: str, mesh: jax.sharding.Mesh | None = None):
     self.dir = ckpt_dir
     self.config = load_config(ckpt_dir)
     _, abstract_state = nnx.split(fun_audio_chat.abstract_model(self.config))
-    if mesh is None:
-      mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
-                                jax.devices()[:1])
-    self.shardings = sharding.param_shardings(abstract_state, mesh)
+    self.shardings = sharding.param_shardings(abstract_state, mesh or sharding.mesh_in_scope())
     self.shapes = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(abstract_state))
     found = jax.tree.map(lambda s: s[0], saved_shapes(ckpt_dir), is_leaf=_is_shape_dtype)
     if found != self.shapes:

@@ -89,7 +89,8 @@ def check_tensors(tensors: safetensors_io.Checkpoint, maps, abstract_params: dic
 
 def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
                       mesh: jax.sharding.Mesh | None = None) -> str:
-  """Official folder -> fac_jax checkpoint at `out`. Returns the committed path."""
+  """Official folder -> fac_jax checkpoint at `out`, each parameter placed on its sharding over
+  `mesh` (default: the mesh in scope, else one device). Returns the committed path."""
   hf_config, cfg = read_official_config(hf_dir)
   cfg.param_dtype = dtype or TORCH_DTYPES.get(hf_config.get('torch_dtype'), 'float32')
   try:
@@ -100,10 +101,7 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
   _, abstract_state = nnx.split(fun_audio_chat.abstract_model(cfg))
   abstract_params = nnx.to_pure_dict(abstract_state)
   check_tensors(tensors, maps, abstract_params)
-  if mesh is None:
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
-                              jax.devices()[:1])
-  shardings = sharding.param_shardings(abstract_state, mesh)
+  shardings = sharding.param_shardings(abstract_state, mesh or sharding.mesh_in_scope())
 
   writer = checkpoint.Writer(out, cfg)
   target = jnp.dtype(cfg.param_dtype)

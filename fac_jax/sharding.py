@@ -52,6 +52,14 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
                        devices=devices)
 
 
+def mesh_in_scope() -> jax.sharding.Mesh:
+  """The mesh set by `jax.set_mesh`, or a one-device mesh when none is."""
+  mesh = jax.sharding.get_mesh()
+  if mesh is None or mesh.empty:
+    mesh = make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  return mesh
+
+
 def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int] | None = None,
                     mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
   """PartitionSpec for an array with these logical axes.

@@ -23,7 +23,8 @@ def main():
   hf_dir = os.path.join(root, 'hf')
   official_checkpoint.write_official_checkpoint(hf_dir, seed=11)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-  sharded_ckpt = convert.import_checkpoint(hf_dir, os.path.join(root, 'sharded'), mesh=mesh)
+  with jax.set_mesh(mesh):  # the importer places parameters on the mesh in scope
+    sharded_ckpt = convert.import_checkpoint(hf_dir, os.path.join(root, 'sharded'))
   single_ckpt = convert.import_checkpoint(hf_dir, os.path.join(root, 'single'))
 
   reader = checkpoint.Reader(sharded_ckpt, mesh)

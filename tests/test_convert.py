@@ -8,10 +8,9 @@ Tolerance: float32 components, max relative error 1e-4 (max |ours - theirs| / ma
 import glob
 import json
 import os
+import shutil
 
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -153,3 +152,19 @@ def test_import_to_float32_from_bfloat16(tmp_path):
   ours = np.asarray(params['adapters']['code_embedding']['embedding'])
   assert ours.dtype == np.float32
   np.testing.assert_array_equal(ours, reference['tensors']['audio_tower.embed_tokens.weight'])
+
+
+def test_tokenizer_from_vocab_and_merges_and_disagreement_refused(imported, tmp_path):
+  _, hf_dir, _, cfg, _, _ = imported
+  folder = tmp_path / 'hf'
+  shutil.copytree(hf_dir, folder)
+  os.remove(folder / 'tokenizer.json')  # vocab.json + merges.txt + tokenizer_config.json remain
+  _, from_bpe_files = convert.read_official_config(str(folder))
+  assert dict(from_bpe_files.tokens) == dict(cfg.tokens)
+
+  config = json.loads((folder / 'config.json').read_text())
+  config['text_config']['sil_index'] = cfg.tokens.sil + 1
+  (folder / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(convert.CheckpointError, match=r'<\|sil\|> is id 304 in the tokenizer but '
+                     r'305 in config.json'):
+    convert.read_official_config(str(folder))

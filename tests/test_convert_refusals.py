@@ -1,7 +1,6 @@
 """The importer refuses a bad official folder before writing anything, naming what is wrong."""
 
 import json
-import os
 import shutil
 
 import numpy as np

@@ -12,7 +12,6 @@ from flax import nnx
 import ml_collections
 import optax
 
-from fac_jax import sharding
 from fac_jax.batch import IGNORE_ID
 from fac_jax.model import audio_encoder, layers, qwen3
 
