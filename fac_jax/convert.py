@@ -218,5 +218,10 @@ def main(argv):
   print(f'{argv[1]}: wrote {path} in {time.time() - start:.1f} s')
 
 
-if __name__ == '__main__':
+def run():
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

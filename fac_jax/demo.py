@@ -64,5 +64,10 @@ def main(argv):
   logging.info('done')
 
 
-if __name__ == '__main__':
+def run():
+  """Console-script entry point."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()
