@@ -108,12 +108,11 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
   total = sum(int(np.prod(tensors.shape(k))) * target.itemsize for m in maps for k in m.keys)
   with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='import') as progress:
     for m in maps:
-      # read_block gives views of the memory maps; the device buffer is the only copy.
+      # On CPU the device array aliases read_block's buffer: one copy of the parameter in memory.
       array = jax.make_array_from_callback(
           official_layout.at_path(abstract_params, m.path).shape,
           official_layout.at_path(shardings, m.path),
-          lambda index, m=m: official_layout.read_block(tensors.array, m, index).astype(
-              target, copy=False))
+          lambda index, m=m: official_layout.read_block(tensors.array, m, index, target))
       writer.add(m.path, array)
       progress.update(array.size * target.itemsize)
       del array

@@ -185,13 +185,25 @@ def official_shape(our_shape: tuple[int, ...], m: TensorMap) -> tuple[int, ...]:
   return tuple(reversed(shape)) if m.layout in ('linear', 'conv1d') else shape
 
 
-def read_block(read: Callable[[str], np.ndarray], m: TensorMap, index: tuple) -> np.ndarray:
-  """The block `index` (slices in our layout) of our leaf for map `m`, reading only that part of
-  each official tensor (memory-mapped arrays make the rest free)."""
+def read_block(read: Callable[[str], np.ndarray], m: TensorMap, index: tuple,
+               dtype=None) -> np.ndarray:
+  """The block `index` (slices in our layout) of our leaf for map `m`, as one contiguous array.
+
+  Only that part of each official tensor is read. Stacked layers are copied one at a time into
+  the result, so with memory-mapped tensors at most one layer's pages are mapped at once.
+  """
   keys, index = (m.keys[index[0]], tuple(index[1:])) if m.stacked else (m.keys, tuple(index))
   their_index = tuple(reversed(index)) if m.layout in ('linear', 'conv1d') else index
-  blocks = [to_ours(np.asarray(read(k)[their_index]), m.layout) for k in keys]
-  return np.stack(blocks) if m.stacked else blocks[0]
+  block = lambda key: to_ours(read(key)[their_index], m.layout)
+  if not m.stacked:
+    return np.ascontiguousarray(block(keys[0]), dtype=dtype)
+  first = block(keys[0])
+  out = np.empty((len(keys),) + first.shape, dtype or first.dtype)
+  out[0] = first
+  del first
+  for i, key in enumerate(keys[1:], start=1):
+    out[i] = block(key)
+  return out
 
 
 def config_to_official(cfg: ml_collections.ConfigDict, template: Mapping) -> dict:
