@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from fac_jax import convert
+from fac_jax import checkpoint, convert
 
 import official_tiny
 
@@ -82,3 +82,26 @@ def test_existing_output_is_not_overwritten(tmp_path):
   with pytest.raises(FileExistsError):
     convert.import_checkpoint(official_tiny.DIR, str(out))
   assert (out / 'keep.txt').read_text() == 'mine'
+
+
+def test_interrupted_import_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+  out = tmp_path / 'ckpt'
+  calls = []
+
+  def failing_read_block(read, m, index, dtype=None):
+    calls.append(m.path)
+    if len(calls) == 20:
+      raise KeyboardInterrupt  # the process is stopped half-way
+    return original(read, m, index, dtype)
+
+  original = convert.official_layout.read_block
+  monkeypatch.setattr(convert.official_layout, 'read_block', failing_read_block)
+  with pytest.raises(KeyboardInterrupt):
+    convert.import_checkpoint(official_tiny.DIR, str(out))
+  assert not out.exists()
+  with pytest.raises(FileNotFoundError, match='not a complete fac_jax checkpoint'):
+    checkpoint.load_config(str(out))
+  monkeypatch.setattr(convert.official_layout, 'read_block', original)
+  assert convert.import_checkpoint(official_tiny.DIR, str(out)) == str(out)  # a rerun starts clean
+  assert not (tmp_path / 'ckpt.incomplete').exists()
+  assert checkpoint.Reader(str(out)).load()['llm']['lm_head']['kernel'].shape == (64, 256)
