@@ -69,17 +69,27 @@ def stacked_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
   return make(rngs)
 
 
-def scan_layers(layers: nnx.Module, x: jax.Array, *args, remat_policy: str = 'none'):
-  """Applies stacked layers in order with one lax.scan; each call is layer(x, *args) -> x."""
+def scan_layers(layers: nnx.Module, x: jax.Array, *args, per_layer=None,
+                remat_policy: str = 'none'):
+  """Applies stacked layers in order with one lax.scan.
+
+  Each call is layer(x, *args) -> x; with `per_layer` (a pytree whose leaves have a leading
+  layer axis, e.g. a KV cache) it is layer(x, *args, that_layer's_slice) -> (x, new_slice), and
+  the stacked new slices are returned with x.
+  """
   graphdef, params = nnx.split(layers)
 
-  def body(carry, layer_params):
-    return nnx.merge(graphdef, layer_params)(carry, *args), None
+  def body(carry, xs):
+    layer_params, layer_extra = xs
+    layer = nnx.merge(graphdef, layer_params)
+    if per_layer is None:
+      return layer(carry, *args), None
+    return layer(carry, *args, layer_extra)
 
   if remat_policy != 'none':
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f'remat_policy {remat_policy!r}: expected none or one of '
                        f'{sorted(REMAT_POLICIES)}')
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, params)
-  return x
+  x, per_layer_out = jax.lax.scan(body, x, (params, per_layer))
+  return x if per_layer is None else (x, per_layer_out)

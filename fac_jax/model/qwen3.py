@@ -25,7 +25,10 @@ class Attention(nnx.Module):
     self.q_norm = layers.rms_norm(cfg.head_dim, cfg.norm_eps, **kw)
     self.k_norm = layers.rms_norm(cfg.head_dim, cfg.norm_eps, **kw)
 
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, mask, cache=None):
+    """Without `cache`, attends over x itself. With cache = {'k', 'v': (B, slots, K, H),
+    'index': first slot to write}, writes this step's keys and values there, attends over all
+    slots (mask: (B, 1, T, slots)) and returns (out, updated cache)."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -33,8 +36,14 @@ class Attention(nnx.Module):
     q = layers.apply_rope(self.q_norm(q), positions, self.rope_theta)
     k = layers.apply_rope(self.k_norm(k), positions, self.rope_theta)
     q = sharding.constrain(q, ('batch', 'length', 'heads', None))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+    if cache is not None:
+      start = (0, cache['index'], 0, 0)
+      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
+      cache = dict(cache, k=k, v=v)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+    return out if cache is None else (out, cache)
 
 
 class Mlp(nnx.Module):
@@ -60,10 +69,13 @@ class DecoderLayer(nnx.Module):
     self.post_attention_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, **kw)
     self.mlp = Mlp(cfg, **kw)
 
-  def __call__(self, x, positions, mask):
-    x = x + self.attention(self.input_norm(x), positions, mask)
-    x = x + self.mlp(self.post_attention_norm(x))
-    return sharding.constrain(x, ('batch', 'length', 'embed'))
+  def __call__(self, x, positions, mask, cache=None):
+    attended = self.attention(self.input_norm(x), positions, mask, cache)
+    if cache is not None:
+      attended, cache = attended
+    x = x + attended
+    x = sharding.constrain(x + self.mlp(self.post_attention_norm(x)), ('batch', 'length', 'embed'))
+    return x if cache is None else (x, cache)
 
 
 class DecoderStack(nnx.Module):
@@ -83,6 +95,30 @@ class DecoderStack(nnx.Module):
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
     x = layers.scan_layers(self.layers, x, positions, mask, remat_policy=self.remat_policy)
     return self.final_norm(x)
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: dict, valid_slots: jax.Array):
+    """Incremental forward over a KV cache.
+
+    x: (B, T, D), the inputs for cache slots [cache['index'], cache['index'] + T); positions:
+    (B, T); valid_slots: (B, slots) bool, the slots a row may attend to (its earlier inputs and
+    these). Returns (final-normed hidden (B, T, D), cache with these slots written and the
+    index advanced by T).
+    """
+    slots = cache['k'].shape[2]
+    query_slots = cache['index'] + jnp.arange(x.shape[1])
+    mask = valid_slots[:, None, None, :] & (jnp.arange(slots)[None, :] <= query_slots[:, None])
+    per_layer = {'k': cache['k'], 'v': cache['v'],
+                 'index': jnp.broadcast_to(cache['index'], (cache['k'].shape[0],))}
+    x, written = layers.scan_layers(self.layers, x, positions, mask, per_layer=per_layer)
+    return self.final_norm(x), {'k': written['k'], 'v': written['v'],
+                                'index': cache['index'] + x.shape[1]}
+
+
+def init_cache(cfg: ml_collections.ConfigDict, batch: int, slots: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache for a decoder stack: keys and values per layer, and the next slot."""
+  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'index': jnp.zeros((), jnp.int32)}
 
 
 class CausalLM(nnx.Module):
