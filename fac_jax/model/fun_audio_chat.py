@@ -67,6 +67,13 @@ class SpeechRefinedHead(nnx.Module):
                           jnp.repeat(segment_ids, group, axis=1))
     return code_embedding.attend(self.up_projection(hidden))
 
+  def decode(self, inputs, positions, cache, valid_slots, code_embedding: nnx.Embed):
+    """Incremental form of __call__ over the head's KV cache: inputs (B, T, D) for the next T
+    sub-slots at 25 Hz positions (B, T) -> (logits (B, T, codes), cache)."""
+    hidden, cache = self.decoder.decode(self.down_projection(inputs), positions, cache,
+                                        valid_slots)
+    return code_embedding.attend(self.up_projection(hidden)), cache
+
 
 class FunAudioChat(nnx.Module):
 
@@ -81,8 +88,12 @@ class FunAudioChat(nnx.Module):
     self.llm = qwen3.CausalLM(cfg.llm, remat_policy=cfg.remat_policy, **kw)
     self.speech_refined_head = SpeechRefinedHead(cfg, **kw)
 
-  def embed_inputs(self, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """LLM input embeddings (B, S, D), and the text embeddings the refined head sees."""
+  def embed_inputs(self, batch: dict, training: bool = True) -> tuple[jax.Array, jax.Array]:
+    """LLM input embeddings (B, S, D), and the text embeddings the refined head sees.
+
+    At inference (training=False) user audio is never halved and the refined head sees the
+    embedding of every input token, <|AUDIO|> included, as the official generation does.
+    """
     text = self.llm.embed_tokens(batch['input_ids'])
     groups = self.adapters.group_codes(batch['speech_codes'])
     if batch['mel'].shape[1]:
@@ -91,10 +102,11 @@ class FunAudioChat(nnx.Module):
                                               batch['continuous_frames'])
       groups = jnp.where(batch['continuous_mask'][..., None], continuous, groups)
     text_mask = batch['text_mask'][..., None]
-    audio = jnp.where(text_mask, (text + groups) / 2, groups * self.user_audio_scale)
+    user_audio_scale = self.user_audio_scale if training else 1.0
+    audio = jnp.where(text_mask, (text + groups) / 2, groups * user_audio_scale)
     audio_mask = batch['audio_mask'][..., None]
     inputs = jnp.where(audio_mask, audio, text)
-    head_text = jnp.where(audio_mask & ~text_mask, 0, text)
+    head_text = jnp.where(audio_mask & ~text_mask, 0, text) if training else text
     return inputs, head_text
 
   def speech_head_inputs(self, hidden, head_text, speech_targets) -> jax.Array:

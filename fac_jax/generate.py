@@ -1,0 +1,150 @@
+"""Generation: prefill, then 5 Hz steps (one LLM decode and five refined-head decodes) inside
+jax.lax.while_loop, over KV caches passed as pytrees. Follows the official loop (DESIGN.md §3):
+the first new text token is forced to <|audio_bos|>; from then on each step's LLM input is
+(E(previous text) + G(previous 5 codes)) / 2; speech stops at the first eos code (the text token
+of that step becomes <|audio_eos|>); text stops at a stop token or after max_new_tokens.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from fac_jax.model import fun_audio_chat, qwen3
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  max_new_tokens: int = 512  # text tokens, the forced <|audio_bos|> included
+  speech: bool = True  # False: speech-to-text, the refined head does not run
+  force_audio_bos: bool = True
+
+
+def _greedy(logits):
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _code_group(model, split, sub_positions, previous_code_embedding, cache, valid):
+  """The refined head's five sub-steps for the last LLM position of `split` (B, 5n, D).
+
+  The first call also runs every earlier sub-slot (the prompt, at prefill), each plus the
+  previous code's embedding, as the official loop does. Returns (codes (B, 5), embedding of the
+  last code, cache).
+  """
+  head, embedding = model.speech_refined_head, model.adapters.code_embedding
+  group, slots = head.group_size, split.shape[1]
+  first = slots - (group - 1)
+  logits, cache = head.decode(split[:, :first] + previous_code_embedding[:, None],
+                              sub_positions[:, :first], cache, valid, embedding)
+  codes = [_greedy(logits[:, -1])]
+  for j in range(1, group):
+    slot = slots - group + j
+    logits, cache = head.decode(split[:, slot:slot + 1] + embedding(codes[-1])[:, None],
+                                sub_positions[:, slot:slot + 1], cache, valid, embedding)
+    codes.append(_greedy(logits[:, -1]))
+  return jnp.stack(codes, axis=1), embedding(codes[-1]), cache
+
+
+def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
+             gen: GenerationConfig) -> dict:
+  """Generates for a left-padded prompt batch (fac_jax.batch fields without targets).
+
+  Returns text (B, max_new_tokens) ending in the pad token after a row stops, num_text (B,),
+  speech (B, max_new_tokens, 5) and num_speech_groups (B,). Pure: jit it with the model split.
+  """
+  tokens, speech = cfg.tokens, cfg.speech
+  group = speech.group_size
+  batch, prompt_len = prompt['input_ids'].shape
+  steps = gen.max_new_tokens
+  valid = prompt['segment_ids'] > 0
+  positions = prompt['positions']
+
+  inputs, head_text = model.embed_inputs(prompt, training=False)
+  llm_valid = jnp.zeros((batch, prompt_len + steps), bool).at[:, :prompt_len].set(valid)
+  hidden, llm_cache = model.llm.decoder.decode(
+      inputs, positions, qwen3.init_cache(cfg.llm, batch, prompt_len + steps, inputs.dtype),
+      llm_valid)
+  first_text = _greedy(model.llm.lm_head(hidden[:, -1]))
+  if gen.force_audio_bos:
+    first_text = jnp.full_like(first_text, tokens.audio_bos)
+
+  head_slots = group * (prompt_len + steps)
+  head_valid = jnp.zeros((batch, head_slots), bool).at[:, :group * prompt_len].set(
+      jnp.repeat(valid, group, axis=1))
+  head_cache = qwen3.init_cache(cfg.speech_refined_head, batch, head_slots, inputs.dtype)
+  code_embedding = model.adapters.code_embedding(jnp.full((batch,), speech.bos_id))
+  if gen.speech:
+    sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
+    split = model.speech_refined_head.split(hidden + head_text)
+    _, code_embedding, head_cache = _code_group(model, split, sub_positions, code_embedding,
+                                                head_cache, head_valid)
+
+  stop_ids = jnp.asarray([tokens.im_end, tokens.endoftext])
+  state = {
+      'step': jnp.ones((), jnp.int32),  # text tokens so far
+      'text': jnp.full((batch, steps), tokens.endoftext, jnp.int32).at[:, 0].set(first_text),
+      'text_done': jnp.isin(first_text, stop_ids),
+      'speech': jnp.full((batch, steps, group), speech.pad_id, jnp.int32),
+      'num_speech': jnp.zeros((batch,), jnp.int32),
+      'speaking': jnp.zeros((batch,), bool),
+      'position': positions[:, -1] + 1,
+      'llm_cache': llm_cache, 'llm_valid': llm_valid,
+      'head_cache': head_cache, 'head_valid': head_valid,
+      'code_embedding': code_embedding,
+  }
+
+  def keep_going(state):
+    return (state['step'] < steps) & ~state['text_done'].all()
+
+  def step(state):
+    t = state['step']
+    previous_text = state['text'][:, t - 1]
+    speaking = state['speaking'] | (previous_text == tokens.audio_bos)
+    last_codes = state['speech'][jnp.arange(batch), jnp.maximum(state['num_speech'] - 1, 0)]
+    text_embedding = model.llm.embed_tokens(previous_text)
+    mixed = (text_embedding + model.adapters.group_codes(last_codes)) / 2
+    x = jnp.where((speaking & (state['num_speech'] > 0))[:, None], mixed, text_embedding)
+
+    position = state['position'][:, None]
+    llm_valid = state['llm_valid'].at[:, prompt_len + t - 1].set(True)
+    hidden, llm_cache = model.llm.decoder.decode(x[:, None], position, state['llm_cache'],
+                                                 llm_valid)
+    text = _greedy(model.llm.lm_head(hidden[:, -1]))
+    text = jnp.where(state['text_done'], tokens.endoftext, text)
+    new = dict(state, step=t + 1, llm_cache=llm_cache, llm_valid=llm_valid,
+               position=state['position'] + 1, speaking=speaking)
+
+    if gen.speech:
+      head_valid = jax.lax.dynamic_update_slice(
+          state['head_valid'], jnp.ones((batch, group), bool), (0, group * (prompt_len + t - 1)))
+      split = model.speech_refined_head.split(hidden + text_embedding[:, None])
+      sub_positions = position * group + jnp.arange(group)
+      codes, code_embedding, head_cache = _code_group(
+          model, split, sub_positions, state['code_embedding'], state['head_cache'], head_valid)
+      finished = speaking & (codes == speech.eos_id).any(axis=1)
+      codes = jnp.where(finished[:, None], speech.eos_id, codes)
+      row = jnp.arange(batch)
+      new['speech'] = state['speech'].at[row, state['num_speech']].set(
+          jnp.where(speaking[:, None], codes, state['speech'][row, state['num_speech']]))
+      new['num_speech'] = state['num_speech'] + speaking
+      new['speaking'] = speaking & ~finished
+      text = jnp.where(finished, tokens.audio_eos, text)
+      new.update(head_cache=head_cache, head_valid=head_valid, code_embedding=code_embedding)
+
+    new['text'] = state['text'].at[:, t].set(text)
+    new['text_done'] = state['text_done'] | jnp.isin(text, stop_ids)
+    return new
+
+  state = jax.lax.while_loop(keep_going, step, state)
+  stopped = jnp.isin(state['text'], stop_ids)
+  first_stop = jnp.where(stopped.any(1), stopped.argmax(1) + 1, state['step'])
+  return {'text': state['text'], 'num_text': first_stop, 'speech': state['speech'],
+          'num_speech_groups': state['num_speech']}
+
+
+def make_generate_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,
+                     gen: GenerationConfig):
+  """jit(params, prompt) -> outputs of `generate`."""
+  return jax.jit(lambda params, prompt: generate(nnx.merge(graphdef, params), prompt, cfg, gen))
