@@ -1,0 +1,120 @@
+"""Generation: the official greedy speech-to-speech output reproduced exactly; determinism; rows
+of a left-padded batch generate as they would alone; stop conditions on hand-set weights."""
+
+import copy
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from fac_jax import generate
+from fac_jax.batch import IGNORE_ID
+from fac_jax.data import conversation, official_batch, synthetic
+from fac_jax.model import fun_audio_chat
+
+import official_tiny
+
+
+def prompt_of(batch):
+  return {k: v for k, v in batch.items() if not k.endswith('targets')}
+
+
+@pytest.fixture(scope='module')
+def golden(tmp_path_factory):
+  cfg, model = official_tiny.imported_model(str(tmp_path_factory.mktemp('gen') / 'ckpt'))
+  reference = dict(np.load(f'{official_tiny.DIR}/reference_generate.npz'))
+  official = {k: reference[k] for k in ('input_ids', 'attention_mask', 'speech_ids',
+                                        'speech_attention_mask', 'input_features',
+                                        'feature_attention_mask', 'feature_exist_mask')}
+  official['labels'] = np.full_like(official['input_ids'], IGNORE_ID)  # all prompt
+  official['text_ids'] = np.zeros((1, 1), np.int64)
+  official['text_attention_mask'] = np.zeros((1,), bool)
+  prompt = prompt_of(official_batch.to_batch(official, cfg))
+  return cfg, model, prompt, reference
+
+
+def test_greedy_speech_to_speech_reproduces_official(golden):
+  cfg, model, prompt, reference = golden
+  graphdef, state = nnx.split(model)
+  new_tokens = reference['out_ids'].shape[1] - reference['input_ids'].shape[1]
+  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(new_tokens))
+  out = jax.device_get(fn(nnx.to_pure_dict(state), prompt))
+  np.testing.assert_array_equal(out['text'][0, :out['num_text'][0]],
+                                reference['out_ids'][0, reference['input_ids'].shape[1]:])
+  codes = out['speech'][0, :out['num_speech_groups'][0]].reshape(-1)
+  np.testing.assert_array_equal(codes, reference['out_speech_ids'][0])
+  again = jax.device_get(fn(nnx.to_pure_dict(state), prompt))  # greedy is deterministic
+  jax.tree.map(np.testing.assert_array_equal, out, again)
+
+
+def left_pad(examples, cfg, num_windows):
+  """Left-padded prompt batch from formatted conversations of different lengths."""
+  length = max(len(e['input_ids']) for e in examples)
+  rows = []
+  for e in examples:
+    pad = length - len(e['input_ids'])
+    row = conversation.pack([[e]], len(e['input_ids']), num_windows, cfg)
+    rows.append({k: (np.concatenate([np.zeros((1, pad) + v.shape[2:], v.dtype), v], axis=1)
+                     if k not in ('mel', 'mel_lengths') else v) for k, v in row.items()})
+  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_rows_of_a_padded_batch_generate_as_alone(tiny_config):
+  cfg = tiny_config.model
+  rng = np.random.default_rng(3)
+  examples = []
+  for _ in range(2):
+    pieces = synthetic.conversation_pieces(rng, cfg)[:3]  # system, user audio, template
+    pieces.append(conversation.Text([cfg.tokens.audio_bos], trained=False))
+    examples.append(conversation.format_conversation(pieces, cfg))
+  assert len(examples[0]['input_ids']) != len(examples[1]['input_ids'])
+  num_windows = max(len(e['mel_lengths']) for e in examples)
+  graphdef, state = nnx.split(fun_audio_chat.create(cfg, seed=2))
+  params = nnx.to_pure_dict(state)
+  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(6))
+  together = jax.device_get(fn(params, prompt_of(left_pad(examples, cfg, num_windows))))
+  for row, example in enumerate(examples):
+    alone = jax.device_get(fn(params, prompt_of(left_pad([example], cfg, num_windows))))
+    for key in together:
+      np.testing.assert_array_equal(together[key][row], alone[key][0], err_msg=key)
+
+
+def test_stops_on_eos_code_and_stop_token(tiny_config):
+  graphdef, state = nnx.split(fun_audio_chat.create(tiny_config.model, seed=4))
+  params = nnx.to_pure_dict(state)
+  prompt = prompt_of(synthetic.batch(np.random.default_rng(5), tiny_config.model, 1, 96, 16))
+
+  def run(cfg):
+    fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(10))
+    return jax.device_get(fn(params, prompt))
+
+  # Greedy runs are deterministic, so we declare as eos the code the model first speaks at
+  # step 1, and as the stop token the text it then writes at step 2.
+  cfg = copy.deepcopy(tiny_config.model)
+  free = run(cfg)
+  assert free['num_speech_groups'][0] > 1 and free['num_text'][0] == 10
+  cfg.speech.eos_id = int(free['speech'][0, 0, 2])
+  speech_stopped = run(cfg)
+  assert speech_stopped['num_speech_groups'][0] == 1
+  assert (speech_stopped['speech'][0, 0] == cfg.speech.eos_id).all()  # the group becomes eos
+  tok = cfg.tokens
+  assert speech_stopped['text'][0, :2].tolist() == [tok.audio_bos, tok.audio_eos]
+  cfg.tokens.im_end = int(speech_stopped['text'][0, 2])
+  assert cfg.tokens.im_end not in (tok.audio_bos, tok.audio_eos)
+  both_stopped = run(cfg)
+  assert both_stopped['num_text'][0] == 3
+  assert both_stopped['text'][0, :3].tolist() == [tok.audio_bos, tok.audio_eos, tok.im_end]
+  assert (both_stopped['text'][0, 3:] == tok.endoftext).all()
+
+
+def test_speech_to_text_mode_skips_speech(golden):
+  cfg, model, prompt, reference = golden
+  graphdef, state = nnx.split(model)
+  new_tokens = reference['out_ids'].shape[1] - reference['input_ids'].shape[1]
+  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(new_tokens,
+                                                                         speech=False))
+  out = jax.device_get(fn(nnx.to_pure_dict(state), prompt))
+  assert out['num_speech_groups'][0] == 0
+  # The text channel does not read the refined head, and the first step has no codes yet.
+  assert out['text'][0, 0] == reference['out_ids'][0, reference['input_ids'].shape[1]]
