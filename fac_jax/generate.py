@@ -13,42 +13,45 @@ from flax import nnx
 import ml_collections
 
 from fac_jax.model import fun_audio_chat, qwen3
+from fac_jax.sampling import Sampling, select
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   max_new_tokens: int = 512  # text tokens, the forced <|audio_bos|> included
-  speech: bool = True  # False: speech-to-text, the refined head does not run
+  mode: str = 's2s'  # 's2t': text only, the refined head does not run
   force_audio_bos: bool = True
+  text: Sampling = Sampling()
+  speech: Sampling = Sampling()
 
 
-def _greedy(logits):
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def _code_group(model, split, sub_positions, previous_code_embedding, cache, valid):
+def _code_group(model, split, sub_positions, previous_code_embedding, cache, valid, history,
+                key, s: Sampling):
   """The refined head's five sub-steps for the last LLM position of `split` (B, 5n, D).
 
   The first call also runs every earlier sub-slot (the prompt, at prefill), each plus the
-  previous code's embedding, as the official loop does. Returns (codes (B, 5), embedding of the
-  last code, cache).
+  previous code's embedding, as the official loop does. `history` (B, H) holds the codes spoken
+  so far (-1 empty), for the repetition penalty. Returns (codes (B, 5), embedding of the last
+  code, cache).
   """
   head, embedding = model.speech_refined_head, model.adapters.code_embedding
   group, slots = head.group_size, split.shape[1]
+  keys = jax.random.split(key, group)
   first = slots - (group - 1)
   logits, cache = head.decode(split[:, :first] + previous_code_embedding[:, None],
                               sub_positions[:, :first], cache, valid, embedding)
-  codes = [_greedy(logits[:, -1])]
+  codes = [select(keys[0], logits[:, -1], history, s)]
   for j in range(1, group):
     slot = slots - group + j
     logits, cache = head.decode(split[:, slot:slot + 1] + embedding(codes[-1])[:, None],
                                 sub_positions[:, slot:slot + 1], cache, valid, embedding)
-    codes.append(_greedy(logits[:, -1]))
+    codes.append(select(keys[j], logits[:, -1], jnp.concatenate(
+        [history, jnp.stack(codes, axis=1)], axis=1), s))
   return jnp.stack(codes, axis=1), embedding(codes[-1]), cache
 
 
 def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
-             gen: GenerationConfig) -> dict:
+             gen: GenerationConfig, key: jax.Array) -> dict:
   """Generates for a left-padded prompt batch (fac_jax.batch fields without targets).
 
   Returns text (B, max_new_tokens) ending in the pad token after a row stops, num_text (B,),
@@ -66,7 +69,15 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
   hidden, llm_cache = model.llm.decoder.decode(
       inputs, positions, qwen3.init_cache(cfg.llm, batch, prompt_len + steps, inputs.dtype),
       llm_valid)
-  first_text = _greedy(model.llm.lm_head(hidden[:, -1]))
+  text_history = jnp.full((batch, prompt_len + steps), -1, jnp.int32).at[:, :prompt_len].set(
+      jnp.where(valid, prompt['input_ids'], -1))
+  speech_history = jnp.full((batch, steps * group), -1, jnp.int32)
+  speaks = gen.mode == 's2s'
+  if gen.mode not in ('s2s', 's2t'):
+    raise ValueError(f"mode {gen.mode!r}: expected 's2s' or 's2t'")
+  key, text_key, head_key = jax.random.split(key, 3)
+  first_text = select(text_key, model.llm.lm_head(hidden[:, -1]), text_history[:, :prompt_len],
+                      gen.text)
   if gen.force_audio_bos:
     first_text = jnp.full_like(first_text, tokens.audio_bos)
 
@@ -75,16 +86,18 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
       jnp.repeat(valid, group, axis=1))
   head_cache = qwen3.init_cache(cfg.speech_refined_head, batch, head_slots, inputs.dtype)
   code_embedding = model.adapters.code_embedding(jnp.full((batch,), speech.bos_id))
-  if gen.speech:
+  if speaks:
     sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
     split = model.speech_refined_head.split(hidden + head_text)
     _, code_embedding, head_cache = _code_group(model, split, sub_positions, code_embedding,
-                                                head_cache, head_valid)
+                                                head_cache, head_valid, speech_history[:, :0],
+                                                head_key, gen.speech)
 
   stop_ids = jnp.asarray([tokens.im_end, tokens.endoftext])
   state = {
       'step': jnp.ones((), jnp.int32),  # text tokens so far
       'text': jnp.full((batch, steps), tokens.endoftext, jnp.int32).at[:, 0].set(first_text),
+      'text_history': text_history.at[:, prompt_len].set(first_text),
       'text_done': jnp.isin(first_text, stop_ids),
       'speech': jnp.full((batch, steps, group), speech.pad_id, jnp.int32),
       'num_speech': jnp.zeros((batch,), jnp.int32),
@@ -111,18 +124,23 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
     llm_valid = state['llm_valid'].at[:, prompt_len + t - 1].set(True)
     hidden, llm_cache = model.llm.decoder.decode(x[:, None], position, state['llm_cache'],
                                                  llm_valid)
-    text = _greedy(model.llm.lm_head(hidden[:, -1]))
+    step_key = jax.random.fold_in(key, t)
+    text_key, head_key = jax.random.split(step_key)
+    text = select(text_key, model.llm.lm_head(hidden[:, -1]), state['text_history'], gen.text)
     text = jnp.where(state['text_done'], tokens.endoftext, text)
     new = dict(state, step=t + 1, llm_cache=llm_cache, llm_valid=llm_valid,
                position=state['position'] + 1, speaking=speaking)
 
-    if gen.speech:
+    if speaks:
       head_valid = jax.lax.dynamic_update_slice(
           state['head_valid'], jnp.ones((batch, group), bool), (0, group * (prompt_len + t - 1)))
       split = model.speech_refined_head.split(hidden + text_embedding[:, None])
       sub_positions = position * group + jnp.arange(group)
+      spoken = jnp.where(jnp.arange(steps * group) < group * state['num_speech'][:, None],
+                         state['speech'].reshape(batch, -1), -1)
       codes, code_embedding, head_cache = _code_group(
-          model, split, sub_positions, state['code_embedding'], state['head_cache'], head_valid)
+          model, split, sub_positions, state['code_embedding'], state['head_cache'], head_valid,
+          spoken, head_key, gen.speech)
       finished = speaking & (codes == speech.eos_id).any(axis=1)
       codes = jnp.where(finished[:, None], speech.eos_id, codes)
       row = jnp.arange(batch)
@@ -134,6 +152,7 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
       new.update(head_cache=head_cache, head_valid=head_valid, code_embedding=code_embedding)
 
     new['text'] = state['text'].at[:, t].set(text)
+    new['text_history'] = state['text_history'].at[:, prompt_len + t].set(text)
     new['text_done'] = state['text_done'] | jnp.isin(text, stop_ids)
     return new
 
@@ -146,5 +165,6 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
 
 def make_generate_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,
                      gen: GenerationConfig):
-  """jit(params, prompt) -> outputs of `generate`."""
-  return jax.jit(lambda params, prompt: generate(nnx.merge(graphdef, params), prompt, cfg, gen))
+  """jit(params, prompt, key) -> outputs of `generate`."""
+  return jax.jit(lambda params, prompt, key: generate(nnx.merge(graphdef, params), prompt, cfg,
+                                                      gen, key))

@@ -8,12 +8,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fac_jax import generate
+from fac_jax import generate, sampling
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import conversation, official_batch, synthetic
 from fac_jax.model import fun_audio_chat
 
 import official_tiny
+
+
+KEY = jax.random.key(0)
+
+
+def greedy(max_new_tokens, mode='s2s'):
+  """Greedy on both channels, no repetition penalty: the official golden run's settings."""
+  plain = sampling.Sampling(greedy=True, repetition_penalty=1.0)
+  return generate.GenerationConfig(max_new_tokens, mode=mode, text=plain, speech=plain)
 
 
 def prompt_of(batch):
@@ -38,13 +47,13 @@ def test_greedy_speech_to_speech_reproduces_official(golden):
   cfg, model, prompt, reference = golden
   graphdef, state = nnx.split(model)
   new_tokens = reference['out_ids'].shape[1] - reference['input_ids'].shape[1]
-  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(new_tokens))
-  out = jax.device_get(fn(nnx.to_pure_dict(state), prompt))
+  fn = generate.make_generate_fn(graphdef, cfg, greedy(new_tokens))
+  out = jax.device_get(fn(nnx.to_pure_dict(state), prompt, KEY))
   np.testing.assert_array_equal(out['text'][0, :out['num_text'][0]],
                                 reference['out_ids'][0, reference['input_ids'].shape[1]:])
   codes = out['speech'][0, :out['num_speech_groups'][0]].reshape(-1)
   np.testing.assert_array_equal(codes, reference['out_speech_ids'][0])
-  again = jax.device_get(fn(nnx.to_pure_dict(state), prompt))  # greedy is deterministic
+  again = jax.device_get(fn(nnx.to_pure_dict(state), prompt, jax.random.key(9)))  # greedy
   jax.tree.map(np.testing.assert_array_equal, out, again)
 
 
@@ -72,10 +81,10 @@ def test_rows_of_a_padded_batch_generate_as_alone(tiny_config):
   num_windows = max(len(e['mel_lengths']) for e in examples)
   graphdef, state = nnx.split(fun_audio_chat.create(cfg, seed=2))
   params = nnx.to_pure_dict(state)
-  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(6))
-  together = jax.device_get(fn(params, prompt_of(left_pad(examples, cfg, num_windows))))
+  fn = generate.make_generate_fn(graphdef, cfg, greedy(6))
+  together = jax.device_get(fn(params, prompt_of(left_pad(examples, cfg, num_windows)), KEY))
   for row, example in enumerate(examples):
-    alone = jax.device_get(fn(params, prompt_of(left_pad([example], cfg, num_windows))))
+    alone = jax.device_get(fn(params, prompt_of(left_pad([example], cfg, num_windows)), KEY))
     for key in together:
       np.testing.assert_array_equal(together[key][row], alone[key][0], err_msg=key)
 
@@ -86,8 +95,8 @@ def test_stops_on_eos_code_and_stop_token(tiny_config):
   prompt = prompt_of(synthetic.batch(np.random.default_rng(5), tiny_config.model, 1, 96, 16))
 
   def run(cfg):
-    fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(10))
-    return jax.device_get(fn(params, prompt))
+    fn = generate.make_generate_fn(graphdef, cfg, greedy(10))
+    return jax.device_get(fn(params, prompt, KEY))
 
   # Greedy runs are deterministic, so we declare as eos the code the model first speaks at
   # step 1, and as the stop token the text it then writes at step 2.
@@ -112,9 +121,20 @@ def test_speech_to_text_mode_skips_speech(golden):
   cfg, model, prompt, reference = golden
   graphdef, state = nnx.split(model)
   new_tokens = reference['out_ids'].shape[1] - reference['input_ids'].shape[1]
-  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(new_tokens,
-                                                                         speech=False))
-  out = jax.device_get(fn(nnx.to_pure_dict(state), prompt))
+  fn = generate.make_generate_fn(graphdef, cfg, greedy(new_tokens, mode='s2t'))
+  out = jax.device_get(fn(nnx.to_pure_dict(state), prompt, KEY))
   assert out['num_speech_groups'][0] == 0
   # The text channel does not read the refined head, and the first step has no codes yet.
   assert out['text'][0, 0] == reference['out_ids'][0, reference['input_ids'].shape[1]]
+
+
+def test_sampled_generation_depends_only_on_the_key(golden):
+  cfg, model, prompt, _ = golden
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(12))  # DESIGN defaults
+  a = jax.device_get(fn(params, prompt, jax.random.key(1)))
+  b = jax.device_get(fn(params, prompt, jax.random.key(1)))
+  c = jax.device_get(fn(params, prompt, jax.random.key(2)))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not all(np.array_equal(a[k], c[k]) for k in ('text', 'speech'))
