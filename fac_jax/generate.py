@@ -23,6 +23,7 @@ class GenerationConfig:
   force_audio_bos: bool = True
   text: Sampling = Sampling()
   speech: Sampling = Sampling()
+  return_logits: bool = False  # also return each step's text and code logits (for checks)
 
 
 def _code_group(model, split, sub_positions, previous_code_embedding, cache, valid, history,
@@ -32,7 +33,7 @@ def _code_group(model, split, sub_positions, previous_code_embedding, cache, val
   The first call also runs every earlier sub-slot (the prompt, at prefill), each plus the
   previous code's embedding, as the official loop does. `history` (B, H) holds the codes spoken
   so far (-1 empty), for the repetition penalty. Returns (codes (B, 5), embedding of the last
-  code, cache).
+  code, cache, logits (B, 5, codebook)).
   """
   head, embedding = model.speech_refined_head, model.adapters.code_embedding
   group, slots = head.group_size, split.shape[1]
@@ -40,14 +41,16 @@ def _code_group(model, split, sub_positions, previous_code_embedding, cache, val
   first = slots - (group - 1)
   logits, cache = head.decode(split[:, :first] + previous_code_embedding[:, None],
                               sub_positions[:, :first], cache, valid, embedding)
-  codes = [select(keys[0], logits[:, -1], history, s)]
+  codes, all_logits = [select(keys[0], logits[:, -1], history, s)], [logits[:, -1]]
   for j in range(1, group):
     slot = slots - group + j
     logits, cache = head.decode(split[:, slot:slot + 1] + embedding(codes[-1])[:, None],
                                 sub_positions[:, slot:slot + 1], cache, valid, embedding)
+    all_logits.append(logits[:, -1])
     codes.append(select(keys[j], logits[:, -1], jnp.concatenate(
         [history, jnp.stack(codes, axis=1)], axis=1), s))
-  return jnp.stack(codes, axis=1), embedding(codes[-1]), cache
+  return (jnp.stack(codes, axis=1), embedding(codes[-1]), cache,
+          jnp.stack(all_logits, axis=1))
 
 
 def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
@@ -89,9 +92,9 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
   if speaks:
     sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
     split = model.speech_refined_head.split(hidden + head_text)
-    _, code_embedding, head_cache = _code_group(model, split, sub_positions, code_embedding,
-                                                head_cache, head_valid, speech_history[:, :0],
-                                                head_key, gen.speech)
+    _, code_embedding, head_cache, _ = _code_group(model, split, sub_positions, code_embedding,
+                                                   head_cache, head_valid, speech_history[:, :0],
+                                                   head_key, gen.speech)
 
   stop_ids = jnp.asarray([tokens.im_end, tokens.endoftext])
   state = {
@@ -107,6 +110,9 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
       'head_cache': head_cache, 'head_valid': head_valid,
       'code_embedding': code_embedding,
   }
+  if gen.return_logits:
+    state['text_logits'] = jnp.zeros((batch, steps, cfg.llm.vocab_size), jnp.float32)
+    state['code_logits'] = jnp.zeros((batch, steps, group, speech.codebook_size), jnp.float32)
 
   def keep_going(state):
     return (state['step'] < steps) & ~state['text_done'].all()
@@ -126,10 +132,13 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
                                                  llm_valid)
     step_key = jax.random.fold_in(key, t)
     text_key, head_key = jax.random.split(step_key)
-    text = select(text_key, model.llm.lm_head(hidden[:, -1]), state['text_history'], gen.text)
+    text_logits = model.llm.lm_head(hidden[:, -1])
+    text = select(text_key, text_logits, state['text_history'], gen.text)
     text = jnp.where(state['text_done'], tokens.endoftext, text)
     new = dict(state, step=t + 1, llm_cache=llm_cache, llm_valid=llm_valid,
                position=state['position'] + 1, speaking=speaking)
+    if gen.return_logits:
+      new['text_logits'] = state['text_logits'].at[:, t].set(text_logits)
 
     if speaks:
       head_valid = jax.lax.dynamic_update_slice(
@@ -138,9 +147,11 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
       sub_positions = position * group + jnp.arange(group)
       spoken = jnp.where(jnp.arange(steps * group) < group * state['num_speech'][:, None],
                          state['speech'].reshape(batch, -1), -1)
-      codes, code_embedding, head_cache = _code_group(
+      codes, code_embedding, head_cache, code_logits = _code_group(
           model, split, sub_positions, state['code_embedding'], state['head_cache'], head_valid,
           spoken, head_key, gen.speech)
+      if gen.return_logits:
+        new['code_logits'] = state['code_logits'].at[:, t].set(code_logits)
       finished = speaking & (codes == speech.eos_id).any(axis=1)
       codes = jnp.where(finished[:, None], speech.eos_id, codes)
       row = jnp.arange(batch)
@@ -159,8 +170,11 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
   state = jax.lax.while_loop(keep_going, step, state)
   stopped = jnp.isin(state['text'], stop_ids)
   first_stop = jnp.where(stopped.any(1), stopped.argmax(1) + 1, state['step'])
-  return {'text': state['text'], 'num_text': first_stop, 'speech': state['speech'],
-          'num_speech_groups': state['num_speech']}
+  out = {'text': state['text'], 'num_text': first_stop, 'speech': state['speech'],
+         'num_speech_groups': state['num_speech']}
+  if gen.return_logits:
+    out.update(text_logits=state['text_logits'], code_logits=state['code_logits'])
+  return out
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,

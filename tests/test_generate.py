@@ -2,8 +2,10 @@
 of a left-padded batch generate as they would alone; stop conditions on hand-set weights."""
 
 import copy
+import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -138,3 +140,64 @@ def test_sampled_generation_depends_only_on_the_key(golden):
   c = jax.device_get(fn(params, prompt, jax.random.key(2)))
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert not all(np.array_equal(a[k], c[k]) for k in ('text', 'speech'))
+
+
+def test_cached_steps_match_an_uncached_replay(golden):
+  """Every step's text and code logits from the cached loop equal a replay that reruns the whole
+  sequence through the uncached forward at every step (max relative error 1e-4)."""
+  cfg, model, prompt, _ = golden
+  graphdef, state = nnx.split(model)
+  steps = 4
+  gen = dataclasses.replace(greedy(steps), return_logits=True)
+  out = jax.device_get(generate.make_generate_fn(graphdef, cfg, gen)(
+      nnx.to_pure_dict(state), prompt, KEY))
+  text, codes = out['text'][0], out['speech'][0]
+
+  embed, group_codes = model.llm.embed_tokens, model.adapters.group_codes
+  code_embedding, head = model.adapters.code_embedding, model.speech_refined_head
+  group = head.group_size
+  llm_inputs, head_text = model.embed_inputs(jax.tree.map(jnp.asarray, prompt), training=False)
+  llm_inputs = llm_inputs[0]
+  length = llm_inputs.shape[0]
+
+  def llm_hidden(inputs):
+    n = inputs.shape[0]
+    return model.llm.decoder(inputs[None], jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))[0]
+
+  def head_logits(inputs):
+    n = inputs.shape[0]
+    hidden = head.decoder(head.down_projection(inputs[None]), jnp.arange(n)[None],
+                          jnp.ones((1, n), jnp.int32))
+    return code_embedding.attend(head.up_projection(hidden))[0, -1]
+
+  def speak(head_inputs, split, previous_code):
+    """Five uncached sub-steps; returns the extended inputs, the codes and their logits."""
+    head_inputs = jnp.concatenate([head_inputs, split[:-(group - 1)] + code_embedding(
+        previous_code)])
+    logits = [head_logits(head_inputs)]
+    spoken = [int(jnp.argmax(logits[-1]))]
+    for j in range(1, group):
+      head_inputs = jnp.concatenate([head_inputs, (split[-group + j] + code_embedding(
+          jnp.asarray(spoken[-1])))[None]])
+      logits.append(head_logits(head_inputs))
+      spoken.append(int(jnp.argmax(logits[-1])))
+    return head_inputs, spoken, jnp.stack(logits)
+
+  hidden = llm_hidden(llm_inputs)
+  split = head.split((hidden + head_text[0])[None])[0]
+  head_inputs, spoken, _ = speak(jnp.zeros((0, split.shape[-1])), split,
+                                 jnp.asarray(cfg.speech.bos_id))
+  for t in range(1, steps):
+    previous = embed(jnp.asarray(text[t - 1]))
+    x = previous if t == 1 else (previous + group_codes(jnp.asarray(codes[t - 2]))) / 2
+    llm_inputs = jnp.concatenate([llm_inputs, x[None]])
+    hidden = llm_hidden(llm_inputs)
+    text_logits = model.llm.lm_head(hidden[-1])
+    assert float(jnp.abs(text_logits - out['text_logits'][0, t]).max()
+                 / jnp.abs(text_logits).max()) < 1e-4
+    assert int(jnp.argmax(text_logits)) == text[t]
+    split = head.split((hidden[-1] + previous)[None, None])[0]
+    head_inputs, spoken, logits = speak(head_inputs, split, jnp.asarray(spoken[-1]))
+    assert float(jnp.abs(logits - out['code_logits'][0, t]).max() / jnp.abs(logits).max()) < 1e-4
+    assert spoken == codes[t - 1].tolist()
+  assert llm_inputs.shape[0] == length + steps - 1
