@@ -54,6 +54,8 @@ class Writer:
       node = node.setdefault(name, {})
     node[path[-1]] = array
     self._pending_bytes += array.nbytes
+    if self._pending_bytes >= self.batch_bytes:  # save a large leaf before the next is made
+      self.flush()
 
   def flush(self) -> None:
     if self._pending:
