@@ -53,13 +53,12 @@ def _code_group(model, split, sub_positions, previous_code_embedding, cache, val
           jnp.stack(all_logits, axis=1))
 
 
-def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
-             gen: GenerationConfig, key: jax.Array) -> dict:
-  """Generates for a left-padded prompt batch (fac_jax.batch fields without targets).
-
-  Returns text (B, max_new_tokens) ending in the pad token after a row stops, num_text (B,),
-  speech (B, max_new_tokens, 5) and num_speech_groups (B,). Pure: jit it with the model split.
-  """
+def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
+            gen: GenerationConfig, key: jax.Array) -> dict:
+  """Runs a left-padded prompt batch (fac_jax.batch fields without targets) through the LLM and
+  the refined head, and returns the decoding state (a pytree) holding the first text token."""
+  if gen.mode not in ('s2s', 's2t'):
+    raise ValueError(f"mode {gen.mode!r}: expected 's2s' or 's2t'")
   tokens, speech = cfg.tokens, cfg.speech
   group = speech.group_size
   batch, prompt_len = prompt['input_ids'].shape
@@ -74,10 +73,6 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
       llm_valid)
   text_history = jnp.full((batch, prompt_len + steps), -1, jnp.int32).at[:, :prompt_len].set(
       jnp.where(valid, prompt['input_ids'], -1))
-  speech_history = jnp.full((batch, steps * group), -1, jnp.int32)
-  speaks = gen.mode == 's2s'
-  if gen.mode not in ('s2s', 's2t'):
-    raise ValueError(f"mode {gen.mode!r}: expected 's2s' or 's2t'")
   key, text_key, head_key = jax.random.split(key, 3)
   first_text = select(text_key, model.llm.lm_head(hidden[:, -1]), text_history[:, :prompt_len],
                       gen.text)
@@ -89,19 +84,19 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
       jnp.repeat(valid, group, axis=1))
   head_cache = qwen3.init_cache(cfg.speech_refined_head, batch, head_slots, inputs.dtype)
   code_embedding = model.adapters.code_embedding(jnp.full((batch,), speech.bos_id))
-  if speaks:
+  if gen.mode == 's2s':
     sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
     split = model.speech_refined_head.split(hidden + head_text)
-    _, code_embedding, head_cache, _ = _code_group(model, split, sub_positions, code_embedding,
-                                                   head_cache, head_valid, speech_history[:, :0],
-                                                   head_key, gen.speech)
+    _, code_embedding, head_cache, _ = _code_group(
+        model, split, sub_positions, code_embedding, head_cache, head_valid,
+        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech)
 
-  stop_ids = jnp.asarray([tokens.im_end, tokens.endoftext])
   state = {
+      'key': key,
       'step': jnp.ones((), jnp.int32),  # text tokens so far
       'text': jnp.full((batch, steps), tokens.endoftext, jnp.int32).at[:, 0].set(first_text),
       'text_history': text_history.at[:, prompt_len].set(first_text),
-      'text_done': jnp.isin(first_text, stop_ids),
+      'text_done': jnp.isin(first_text, _stop_ids(cfg)),
       'speech': jnp.full((batch, steps, group), speech.pad_id, jnp.int32),
       'num_speech': jnp.zeros((batch,), jnp.int32),
       'speaking': jnp.zeros((batch,), bool),
@@ -113,68 +108,91 @@ def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collectio
   if gen.return_logits:
     state['text_logits'] = jnp.zeros((batch, steps, cfg.llm.vocab_size), jnp.float32)
     state['code_logits'] = jnp.zeros((batch, steps, group, speech.codebook_size), jnp.float32)
+  return state
 
-  def keep_going(state):
-    return (state['step'] < steps) & ~state['text_done'].all()
 
-  def step(state):
-    t = state['step']
-    previous_text = state['text'][:, t - 1]
-    speaking = state['speaking'] | (previous_text == tokens.audio_bos)
-    last_codes = state['speech'][jnp.arange(batch), jnp.maximum(state['num_speech'] - 1, 0)]
-    text_embedding = model.llm.embed_tokens(previous_text)
-    mixed = (text_embedding + model.adapters.group_codes(last_codes)) / 2
-    x = jnp.where((speaking & (state['num_speech'] > 0))[:, None], mixed, text_embedding)
+def _stop_ids(cfg):
+  return jnp.asarray([cfg.tokens.im_end, cfg.tokens.endoftext])
 
-    position = state['position'][:, None]
-    llm_valid = state['llm_valid'].at[:, prompt_len + t - 1].set(True)
-    hidden, llm_cache = model.llm.decoder.decode(x[:, None], position, state['llm_cache'],
-                                                 llm_valid)
-    step_key = jax.random.fold_in(key, t)
-    text_key, head_key = jax.random.split(step_key)
-    text_logits = model.llm.lm_head(hidden[:, -1])
-    text = select(text_key, text_logits, state['text_history'], gen.text)
-    text = jnp.where(state['text_done'], tokens.endoftext, text)
-    new = dict(state, step=t + 1, llm_cache=llm_cache, llm_valid=llm_valid,
-               position=state['position'] + 1, speaking=speaking)
-    if gen.return_logits:
-      new['text_logits'] = state['text_logits'].at[:, t].set(text_logits)
 
-    if speaks:
-      head_valid = jax.lax.dynamic_update_slice(
-          state['head_valid'], jnp.ones((batch, group), bool), (0, group * (prompt_len + t - 1)))
-      split = model.speech_refined_head.split(hidden + text_embedding[:, None])
-      sub_positions = position * group + jnp.arange(group)
-      spoken = jnp.where(jnp.arange(steps * group) < group * state['num_speech'][:, None],
-                         state['speech'].reshape(batch, -1), -1)
-      codes, code_embedding, head_cache, code_logits = _code_group(
-          model, split, sub_positions, state['code_embedding'], state['head_cache'], head_valid,
-          spoken, head_key, gen.speech)
-      if gen.return_logits:
-        new['code_logits'] = state['code_logits'].at[:, t].set(code_logits)
-      finished = speaking & (codes == speech.eos_id).any(axis=1)
-      codes = jnp.where(finished[:, None], speech.eos_id, codes)
-      row = jnp.arange(batch)
-      new['speech'] = state['speech'].at[row, state['num_speech']].set(
-          jnp.where(speaking[:, None], codes, state['speech'][row, state['num_speech']]))
-      new['num_speech'] = state['num_speech'] + speaking
-      new['speaking'] = speaking & ~finished
-      text = jnp.where(finished, tokens.audio_eos, text)
-      new.update(head_cache=head_cache, head_valid=head_valid, code_embedding=code_embedding)
+def keep_going(state: dict) -> jax.Array:
+  return (state['step'] < state['text'].shape[1]) & ~state['text_done'].all()
 
-    new['text'] = state['text'].at[:, t].set(text)
-    new['text_history'] = state['text_history'].at[:, prompt_len + t].set(text)
-    new['text_done'] = state['text_done'] | jnp.isin(text, stop_ids)
-    return new
 
-  state = jax.lax.while_loop(keep_going, step, state)
-  stopped = jnp.isin(state['text'], stop_ids)
-  first_stop = jnp.where(stopped.any(1), stopped.argmax(1) + 1, state['step'])
-  out = {'text': state['text'], 'num_text': first_stop, 'speech': state['speech'],
-         'num_speech_groups': state['num_speech']}
+def decode_step(model: fun_audio_chat.FunAudioChat, state: dict, cfg: ml_collections.ConfigDict,
+                gen: GenerationConfig) -> dict:
+  """One 5 Hz step: an LLM decode for the next text token and, in s2s mode, the refined head's
+  five decodes for the next code group."""
+  tokens, speech = cfg.tokens, cfg.speech
+  group = speech.group_size
+  batch, steps = state['text'].shape
+  prompt_len = state['llm_valid'].shape[1] - steps
+  t = state['step']
+  previous_text = state['text'][:, t - 1]
+  speaking = state['speaking'] | (previous_text == tokens.audio_bos)
+  last_codes = state['speech'][jnp.arange(batch), jnp.maximum(state['num_speech'] - 1, 0)]
+  text_embedding = model.llm.embed_tokens(previous_text)
+  mixed = (text_embedding + model.adapters.group_codes(last_codes)) / 2
+  x = jnp.where((speaking & (state['num_speech'] > 0))[:, None], mixed, text_embedding)
+
+  position = state['position'][:, None]
+  llm_valid = state['llm_valid'].at[:, prompt_len + t - 1].set(True)
+  hidden, llm_cache = model.llm.decoder.decode(x[:, None], position, state['llm_cache'],
+                                               llm_valid)
+  text_key, head_key = jax.random.split(jax.random.fold_in(state['key'], t))
+  text_logits = model.llm.lm_head(hidden[:, -1])
+  text = select(text_key, text_logits, state['text_history'], gen.text)
+  text = jnp.where(state['text_done'], tokens.endoftext, text)
+  new = dict(state, step=t + 1, llm_cache=llm_cache, llm_valid=llm_valid,
+             position=state['position'] + 1, speaking=speaking)
   if gen.return_logits:
-    out.update(text_logits=state['text_logits'], code_logits=state['code_logits'])
+    new['text_logits'] = state['text_logits'].at[:, t].set(text_logits)
+
+  if gen.mode == 's2s':
+    head_valid = jax.lax.dynamic_update_slice(
+        state['head_valid'], jnp.ones((batch, group), bool), (0, group * (prompt_len + t - 1)))
+    split = model.speech_refined_head.split(hidden + text_embedding[:, None])
+    sub_positions = position * group + jnp.arange(group)
+    spoken = jnp.where(jnp.arange(steps * group) < group * state['num_speech'][:, None],
+                       state['speech'].reshape(batch, -1), -1)
+    codes, code_embedding, head_cache, code_logits = _code_group(
+        model, split, sub_positions, state['code_embedding'], state['head_cache'], head_valid,
+        spoken, head_key, gen.speech)
+    if gen.return_logits:
+      new['code_logits'] = state['code_logits'].at[:, t].set(code_logits)
+    finished = speaking & (codes == speech.eos_id).any(axis=1)
+    codes = jnp.where(finished[:, None], speech.eos_id, codes)
+    row = jnp.arange(batch)
+    new['speech'] = state['speech'].at[row, state['num_speech']].set(
+        jnp.where(speaking[:, None], codes, state['speech'][row, state['num_speech']]))
+    new['num_speech'] = state['num_speech'] + speaking
+    new['speaking'] = speaking & ~finished
+    text = jnp.where(finished, tokens.audio_eos, text)
+    new.update(head_cache=head_cache, head_valid=head_valid, code_embedding=code_embedding)
+
+  new['text'] = state['text'].at[:, t].set(text)
+  new['text_history'] = state['text_history'].at[:, prompt_len + t].set(text)
+  new['text_done'] = state['text_done'] | jnp.isin(text, _stop_ids(cfg))
+  return new
+
+
+def outputs(state: dict, cfg: ml_collections.ConfigDict) -> dict:
+  """text (B, max_new_tokens) with the pad token after a row stops, num_text (B,), speech
+  (B, max_new_tokens, 5), num_speech_groups (B,), and the logits when they were kept."""
+  stopped = jnp.isin(state['text'], _stop_ids(cfg))
+  num_text = jnp.where(stopped.any(1), stopped.argmax(1) + 1, state['step'])
+  out = {'text': state['text'], 'num_text': num_text, 'speech': state['speech'],
+         'num_speech_groups': state['num_speech']}
+  out.update({k: state[k] for k in ('text_logits', 'code_logits') if k in state})
   return out
+
+
+def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
+             gen: GenerationConfig, key: jax.Array) -> dict:
+  """Prefill, then decode steps in a while_loop until every row stops. Pure: jit it."""
+  state = prefill(model, prompt, cfg, gen, key)
+  state = jax.lax.while_loop(keep_going, lambda s: decode_step(model, s, cfg, gen), state)
+  return outputs(state, cfg)
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,
