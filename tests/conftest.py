@@ -20,3 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def tiny_config():
   return config_lib.load(os.path.join(REPO, 'configs', 'tiny.py'))
+
+
+@pytest.fixture(scope='module')
+def golden_generation(tmp_path_factory):
+  """The imported golden checkpoint with its generation prompt and reference outputs."""
+  import official_tiny
+  return official_tiny.generation_setup(str(tmp_path_factory.mktemp('gen') / 'ckpt'))

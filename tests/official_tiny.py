@@ -3,10 +3,13 @@
 import json
 import os
 
+import jax
 import numpy as np
 from flax import nnx
 
-from fac_jax import checkpoint, convert
+from fac_jax import checkpoint, convert, generate, sampling
+from fac_jax.batch import IGNORE_ID
+from fac_jax.data import official_batch
 from fac_jax import config as config_lib
 from fac_jax import official_layout
 from fac_jax.model import fun_audio_chat
@@ -36,5 +39,33 @@ def forward_reference():
   return dict(np.load(os.path.join(DIR, 'reference_forward.npz')))
 
 
-def official_batch(reference):
+def forward_inputs(reference):
+  """The official-format input batch of reference_forward.npz."""
   return {k[len('in.'):]: v for k, v in reference.items() if k.startswith('in.')}
+
+
+KEY = jax.random.key(0)
+
+
+def greedy(max_new_tokens, mode='s2s'):
+  """Greedy on both channels, no repetition penalty: the official golden run's settings."""
+  plain = sampling.Sampling(greedy=True, repetition_penalty=1.0)
+  return generate.GenerationConfig(max_new_tokens, mode=mode, text=plain, speech=plain)
+
+
+def prompt_of(batch):
+  return {k: v for k, v in batch.items() if not k.endswith('targets')}
+
+
+def generation_setup(ckpt_dir):
+  """(config, imported model, the golden generation prompt in our format, the reference)."""
+  cfg, model = imported_model(ckpt_dir)
+  reference = dict(np.load(f'{DIR}/reference_generate.npz'))
+  official = {k: reference[k] for k in ('input_ids', 'attention_mask', 'speech_ids',
+                                        'speech_attention_mask', 'input_features',
+                                        'feature_attention_mask', 'feature_exist_mask')}
+  official['labels'] = np.full_like(official['input_ids'], IGNORE_ID)  # all prompt
+  official['text_ids'] = np.zeros((1, 1), np.int64)
+  official['text_attention_mask'] = np.zeros((1,), bool)
+  prompt = prompt_of(official_batch.to_batch(official, cfg))
+  return cfg, model, prompt, reference

@@ -59,7 +59,7 @@ def test_delay_and_eos_group_in_formatted_assistant_turn(tiny_config):
 
 def test_official_reader_refuses_inconsistent_batches():
   cfg = official_tiny.model_config()
-  official = official_tiny.official_batch(official_tiny.forward_reference())
+  official = official_tiny.forward_inputs(official_tiny.forward_reference())
   wrong_count = copy.deepcopy(official)
   wrong_count['speech_attention_mask'][0, :] = 1  # 27 codes -> 6 slots, the batch has 3
   with pytest.raises(ValueError, match='audio 0 has 27 codes'):

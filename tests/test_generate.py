@@ -7,46 +7,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
-from fac_jax import generate, sampling
-from fac_jax.batch import IGNORE_ID
-from fac_jax.data import conversation, official_batch, synthetic
+from fac_jax import generate
+from fac_jax.data import conversation, synthetic
 from fac_jax.model import fun_audio_chat
 
-import official_tiny
+from official_tiny import KEY, greedy, prompt_of
 
 
-KEY = jax.random.key(0)
-
-
-def greedy(max_new_tokens, mode='s2s'):
-  """Greedy on both channels, no repetition penalty: the official golden run's settings."""
-  plain = sampling.Sampling(greedy=True, repetition_penalty=1.0)
-  return generate.GenerationConfig(max_new_tokens, mode=mode, text=plain, speech=plain)
-
-
-def prompt_of(batch):
-  return {k: v for k, v in batch.items() if not k.endswith('targets')}
-
-
-@pytest.fixture(scope='module')
-def golden(tmp_path_factory):
-  cfg, model = official_tiny.imported_model(str(tmp_path_factory.mktemp('gen') / 'ckpt'))
-  reference = dict(np.load(f'{official_tiny.DIR}/reference_generate.npz'))
-  official = {k: reference[k] for k in ('input_ids', 'attention_mask', 'speech_ids',
-                                        'speech_attention_mask', 'input_features',
-                                        'feature_attention_mask', 'feature_exist_mask')}
-  official['labels'] = np.full_like(official['input_ids'], IGNORE_ID)  # all prompt
-  official['text_ids'] = np.zeros((1, 1), np.int64)
-  official['text_attention_mask'] = np.zeros((1,), bool)
-  prompt = prompt_of(official_batch.to_batch(official, cfg))
-  return cfg, model, prompt, reference
-
-
-def test_greedy_speech_to_speech_reproduces_official(golden):
-  cfg, model, prompt, reference = golden
+def test_greedy_speech_to_speech_reproduces_official(golden_generation):
+  cfg, model, prompt, reference = golden_generation
   graphdef, state = nnx.split(model)
   new_tokens = reference['out_ids'].shape[1] - reference['input_ids'].shape[1]
   fn = generate.make_generate_fn(graphdef, cfg, greedy(new_tokens))
@@ -119,8 +90,8 @@ def test_stops_on_eos_code_and_stop_token(tiny_config):
   assert (both_stopped['text'][0, 3:] == tok.endoftext).all()
 
 
-def test_speech_to_text_mode_skips_speech(golden):
-  cfg, model, prompt, reference = golden
+def test_speech_to_text_mode_skips_speech(golden_generation):
+  cfg, model, prompt, reference = golden_generation
   graphdef, state = nnx.split(model)
   new_tokens = reference['out_ids'].shape[1] - reference['input_ids'].shape[1]
   fn = generate.make_generate_fn(graphdef, cfg, greedy(new_tokens, mode='s2t'))
@@ -130,8 +101,8 @@ def test_speech_to_text_mode_skips_speech(golden):
   assert out['text'][0, 0] == reference['out_ids'][0, reference['input_ids'].shape[1]]
 
 
-def test_sampled_generation_depends_only_on_the_key(golden):
-  cfg, model, prompt, _ = golden
+def test_sampled_generation_depends_only_on_the_key(golden_generation):
+  cfg, model, prompt, _ = golden_generation
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   fn = generate.make_generate_fn(graphdef, cfg, generate.GenerationConfig(12))  # DESIGN defaults
@@ -142,10 +113,10 @@ def test_sampled_generation_depends_only_on_the_key(golden):
   assert not all(np.array_equal(a[k], c[k]) for k in ('text', 'speech'))
 
 
-def test_cached_steps_match_an_uncached_replay(golden):
+def test_cached_steps_match_an_uncached_replay(golden_generation):
   """Every step's text and code logits from the cached loop equal a replay that reruns the whole
   sequence through the uncached forward at every step (max relative error 1e-4)."""
-  cfg, model, prompt, _ = golden
+  cfg, model, prompt, _ = golden_generation
   graphdef, state = nnx.split(model)
   steps = 4
   gen = dataclasses.replace(greedy(steps), return_logits=True)

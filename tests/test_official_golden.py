@@ -30,7 +30,7 @@ def max_rel_err(ours, theirs):
 def golden(tmp_path_factory):
   cfg, model = official_tiny.imported_model(str(tmp_path_factory.mktemp('golden') / 'ckpt'))
   reference = official_tiny.forward_reference()
-  batch = official_batch.to_batch(official_tiny.official_batch(reference), cfg)
+  batch = official_batch.to_batch(official_tiny.forward_inputs(reference), cfg)
   return cfg, reference, batch, model
 
 
