@@ -1,0 +1,152 @@
+"""Talk to a checkpoint: a spoken question in, the answer out as text (printed as it comes) and
+speech (a wav written through a speech detokenizer).
+
+  python -m fac_jax.chat --ckpt=CKPT --audio=question.wav [--out=answer.wav] [--mode=s2s|s2t]
+      [--stream] [--detokenizer=speech_tokenizer.npz] [--max_new_tokens=256] [--greedy]
+"""
+
+import os
+import sys
+
+from absl import app, flags
+import jax
+import librosa
+import numpy as np
+import soundfile
+from flax import nnx
+
+from fac_jax import checkpoint, generate, sampling, streaming, tokenizer
+from fac_jax.data import audio, conversation, speech_tokenizer
+from fac_jax.model import fun_audio_chat
+
+SYSTEM_PROMPTS = {
+    's2s': 'You are asked to generate both text and speech tokens at the same time.',
+    's2t': 'You are asked to generate text tokens.',
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or `fac_jax.convert`).')
+flags.DEFINE_string('audio', None, 'The spoken question: any audio file librosa reads.')
+flags.DEFINE_string('out', None, 's2s: where to write the spoken answer (wav).')
+flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.')
+flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
+flags.DEFINE_string('detokenizer', None, 'Speech tokenizer file (.npz) whose Griffin-Lim '
+                    'detokenizer turns codes into audio.')
+flags.DEFINE_integer('max_new_tokens', 256, 'Text tokens to generate at most (5 per second).')
+flags.DEFINE_float('max_audio_seconds', 300.0, 'Longest question accepted.')
+flags.DEFINE_bool('greedy', False, 'Greedy text (the official examples); speech is sampled.')
+flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+class ChatError(ValueError):
+  """Input the chat cannot use; the message says which file and why."""
+
+
+def read_question(path: str, max_seconds: float) -> np.ndarray:
+  try:
+    waveform, _ = librosa.load(path, sr=audio.SAMPLE_RATE, mono=True)
+  except Exception as e:  # librosa raises many kinds for unreadable files
+    raise ChatError(f'cannot read audio file {path}: {e}') from None
+  seconds = len(waveform) / audio.SAMPLE_RATE
+  if len(waveform) < audio.HOP_LENGTH * 4:
+    raise ChatError(f'{path} holds {seconds:.3f} s of audio: too short to ask anything')
+  if seconds > max_seconds:
+    raise ChatError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:.0f} s '
+                    '(--max_audio_seconds)')
+  if not np.isfinite(waveform).all():
+    raise ChatError(f'{path} has non-finite samples')
+  return waveform
+
+
+def build_prompt(text_tokenizer, waveform: np.ndarray, cfg, mode: str) -> dict:
+  """ChatML prompt: system, the user's speech, and the assistant header."""
+  tok = cfg.tokens
+  encode = lambda text: text_tokenizer.encode(text, add_special_tokens=False).ids
+  mel = audio.log_mel(waveform, cfg.encoder.num_mel_bins)
+  pieces = [
+      conversation.Text([tok.im_start] + encode('system\n' + SYSTEM_PROMPTS[mode])
+                        + [tok.im_end] + encode('\n') + [tok.im_start] + encode('user\n')
+                        + [tok.audio_bos], trained=False),
+      conversation.user_audio(mel, int(len(waveform) / audio.SAMPLE_RATE * 25), cfg),
+      conversation.Text([tok.audio_eos, tok.im_end] + encode('\n') + [tok.im_start]
+                        + encode('assistant\n'), trained=False),
+  ]
+  example = conversation.format_conversation(pieces, cfg)
+  batch = conversation.pack([[example]], len(example['input_ids']), len(example['mel_lengths']),
+                            cfg)
+  return {k: v for k, v in batch.items() if not k.endswith('targets')}
+
+
+def answer_text(text_tokenizer, ids, cfg) -> str:
+  special = set(cfg.tokens.values())
+  return text_tokenizer.decode([int(i) for i in ids if int(i) not in special])
+
+
+def main(argv):
+  del argv
+  if not FLAGS.ckpt or not FLAGS.audio:
+    raise app.UsageError('--ckpt and --audio are required')
+  try:
+    cfg = checkpoint.load_config(FLAGS.ckpt)
+    official = os.path.join(FLAGS.ckpt, checkpoint.OFFICIAL)
+    try:
+      text_tokenizer = tokenizer.load(official)
+    except FileNotFoundError:
+      raise ChatError(f'{FLAGS.ckpt} has no tokenizer files in {official}/') from None
+    detokenizer = None
+    if FLAGS.mode == 's2s' and FLAGS.out:
+      if not FLAGS.detokenizer:
+        raise ChatError('--out needs --detokenizer (a speech tokenizer .npz) to make audio')
+      detokenizer = speech_tokenizer.GriffinLimDetokenizer.load(FLAGS.detokenizer)
+      if detokenizer.vocab_size > cfg.speech.bos_id:
+        raise ChatError(f'{FLAGS.detokenizer} has {detokenizer.vocab_size} codes; the model '
+                        f'speaks {cfg.speech.bos_id}')
+    prompt = build_prompt(text_tokenizer, read_question(FLAGS.audio, FLAGS.max_audio_seconds),
+                          cfg, FLAGS.mode)
+    reader = checkpoint.Reader(FLAGS.ckpt)
+  except (ChatError, FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+
+  graphdef, _ = nnx.split(fun_audio_chat.abstract_model(cfg))
+  params = reader.load()
+  text_sampling = sampling.Sampling(greedy=True) if FLAGS.greedy else sampling.Sampling()
+  gen = generate.GenerationConfig(FLAGS.max_new_tokens, mode=FLAGS.mode, text=text_sampling)
+  key = jax.random.key(FLAGS.seed)
+  chunks, codes, text_ids = [], [], []
+  if FLAGS.stream:
+    chunker = streaming.SpeechChunker(detokenizer, cfg.speech.bos_id) if detokenizer else None
+    printed = ''
+    for step in streaming.stream(graphdef, params, prompt, cfg, gen, key):
+      text_ids.append(int(step.text[0]))
+      shown = answer_text(text_tokenizer, text_ids, cfg)
+      print(shown[len(printed):], end='', flush=True)
+      printed = shown
+      if (step.codes[0] >= 0).all():
+        codes += step.codes[0].tolist()
+        if chunker:
+          chunks += chunker.push(step.codes[0])
+    if chunker:
+      chunks += chunker.finish()
+    print()
+  else:
+    out = jax.device_get(generate.make_generate_fn(graphdef, cfg, gen)(params, prompt, key))
+    text_ids = out['text'][0, :out['num_text'][0]].tolist()
+    codes = out['speech'][0, :out['num_speech_groups'][0]].reshape(-1).tolist()
+    print(answer_text(text_tokenizer, text_ids, cfg))
+    if detokenizer:
+      chunks = [detokenizer.decode(np.asarray([c for c in codes if 0 <= c < cfg.speech.bos_id],
+                                              np.int64))]
+  if detokenizer:
+    waveform = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    soundfile.write(FLAGS.out, waveform, detokenizer.sample_rate)
+    print(f'wrote {FLAGS.out}: {len(waveform) / detokenizer.sample_rate:.2f} s of speech '
+          f'from {len(codes)} codes')
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
