@@ -1,10 +1,16 @@
-"""Talk to a checkpoint: a spoken question in, the answer out as text (printed as it comes) and
-speech (a wav written through a speech detokenizer).
+"""Talk to a checkpoint: a spoken (or typed) question in, the answer out as text (printed as it
+comes) and speech (a wav written through a speech detokenizer).
 
   python -m fac_jax.chat --ckpt=CKPT --audio=question.wav [--out=answer.wav] [--mode=s2s|s2t]
       [--stream] [--detokenizer=speech_tokenizer.npz] [--max_new_tokens=256] [--greedy]
+      [--text="typed question"] [--history=turns.json]
+
+--history is a JSON list of earlier turns, {"user": "typed text" or {"audio": "path.wav"},
+"assistant": "its answer's text"}; as in the official multi-turn example, earlier answers come
+back as text.
 """
 
+import json
 import os
 import sys
 
@@ -27,6 +33,8 @@ SYSTEM_PROMPTS = {
 FLAGS = flags.FLAGS
 flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or `fac_jax.convert`).')
 flags.DEFINE_string('audio', None, 'The spoken question: any audio file librosa reads.')
+flags.DEFINE_string('text', None, 'A typed question, instead of --audio.')
+flags.DEFINE_string('history', None, 'JSON file of earlier turns (see the module docstring).')
 flags.DEFINE_string('out', None, 's2s: where to write the spoken answer (wav).')
 flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.')
 flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
@@ -58,19 +66,49 @@ def read_question(path: str, max_seconds: float) -> np.ndarray:
   return waveform
 
 
-def build_prompt(text_tokenizer, waveform: np.ndarray, cfg, mode: str) -> dict:
-  """ChatML prompt: system, the user's speech, and the assistant header."""
+def read_history(path: str) -> list[dict]:
+  try:
+    with open(path) as f:
+      turns = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ChatError(f'cannot read history file {path}: {e}') from None
+  for i, turn in enumerate(turns if isinstance(turns, list) else [None]):
+    user = turn.get('user') if isinstance(turn, dict) else None
+    if not (isinstance(user, str) or (isinstance(user, dict) and 'audio' in user)) or \
+        not isinstance(turn.get('assistant'), str):
+      raise ChatError(f'{path}: turn {i} must be {{"user": text or {{"audio": path}}, '
+                      '"assistant": text}')
+  return turns
+
+
+def build_prompt(text_tokenizer, cfg, mode: str, history: list[dict], question) -> dict:
+  """ChatML prompt: system, earlier turns, the question (a waveform or a str), the assistant
+  header."""
   tok = cfg.tokens
   encode = lambda text: text_tokenizer.encode(text, add_special_tokens=False).ids
-  mel = audio.log_mel(waveform, cfg.encoder.num_mel_bins)
-  pieces = [
-      conversation.Text([tok.im_start] + encode('system\n' + SYSTEM_PROMPTS[mode])
-                        + [tok.im_end] + encode('\n') + [tok.im_start] + encode('user\n')
-                        + [tok.audio_bos], trained=False),
-      conversation.user_audio(mel, int(len(waveform) / audio.SAMPLE_RATE * 25), cfg),
-      conversation.Text([tok.audio_eos, tok.im_end] + encode('\n') + [tok.im_start]
-                        + encode('assistant\n'), trained=False),
-  ]
+  newline = encode('\n')
+  pieces = [conversation.Text([tok.im_start] + encode('system\n' + SYSTEM_PROMPTS[mode])
+                              + [tok.im_end] + newline, trained=False)]
+
+  def user_turn(content):
+    pieces.append(conversation.Text([tok.im_start] + encode('user\n'), trained=False))
+    if isinstance(content, str):
+      pieces.append(conversation.Text(encode(content), trained=False))
+    else:
+      pieces.append(conversation.Text([tok.audio_bos], trained=False))
+      pieces.append(conversation.user_audio(audio.log_mel(content, cfg.encoder.num_mel_bins),
+                                            int(len(content) / audio.SAMPLE_RATE * 25), cfg))
+      pieces.append(conversation.Text([tok.audio_eos], trained=False))
+    pieces.append(conversation.Text([tok.im_end] + newline + [tok.im_start]
+                                    + encode('assistant\n'), trained=False))
+
+  for turn in history:
+    user = turn['user']
+    user_turn(user if isinstance(user, str) else read_question(user['audio'],
+                                                               FLAGS.max_audio_seconds))
+    pieces.append(conversation.Text(encode(turn['assistant']) + [tok.im_end] + newline,
+                                    trained=False))
+  user_turn(question)
   example = conversation.format_conversation(pieces, cfg)
   batch = conversation.pack([[example]], len(example['input_ids']), len(example['mel_lengths']),
                             cfg)
@@ -84,8 +122,8 @@ def answer_text(text_tokenizer, ids, cfg) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS.ckpt or not FLAGS.audio:
-    raise app.UsageError('--ckpt and --audio are required')
+  if not FLAGS.ckpt or bool(FLAGS.audio) == bool(FLAGS.text):
+    raise app.UsageError('--ckpt and one of --audio or --text are required')
   try:
     cfg = checkpoint.load_config(FLAGS.ckpt)
     official = os.path.join(FLAGS.ckpt, checkpoint.OFFICIAL)
@@ -101,8 +139,9 @@ def main(argv):
       if detokenizer.vocab_size > cfg.speech.bos_id:
         raise ChatError(f'{FLAGS.detokenizer} has {detokenizer.vocab_size} codes; the model '
                         f'speaks {cfg.speech.bos_id}')
-    prompt = build_prompt(text_tokenizer, read_question(FLAGS.audio, FLAGS.max_audio_seconds),
-                          cfg, FLAGS.mode)
+    history = read_history(FLAGS.history) if FLAGS.history else []
+    question = FLAGS.text or read_question(FLAGS.audio, FLAGS.max_audio_seconds)
+    prompt = build_prompt(text_tokenizer, cfg, FLAGS.mode, history, question)
     reader = checkpoint.Reader(FLAGS.ckpt)
   except (ChatError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')

@@ -129,7 +129,8 @@ def decode_step(model: fun_audio_chat.FunAudioChat, state: dict, cfg: ml_collect
   prompt_len = state['llm_valid'].shape[1] - steps
   t = state['step']
   previous_text = state['text'][:, t - 1]
-  speaking = state['speaking'] | (previous_text == tokens.audio_bos)
+  # A row whose text has stopped speaks no more either.
+  speaking = (state['speaking'] | (previous_text == tokens.audio_bos)) & ~state['text_done']
   last_codes = state['speech'][jnp.arange(batch), jnp.maximum(state['num_speech'] - 1, 0)]
   text_embedding = model.llm.embed_tokens(previous_text)
   mixed = (text_embedding + model.adapters.group_codes(last_codes)) / 2

@@ -1,6 +1,7 @@
 """The chat command end to end on an imported tiny checkpoint: text printed, the spoken answer
 written (batch and streamed), and bad input refused with a message naming the file."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,18 @@ def test_bad_audio_is_refused(setup, tmp_path):
   assert result.returncode != 0 and 'the limit is 1 s' in result.stderr
   result = chat(f'--ckpt={tmp_path}', f'--audio={question}')
   assert result.returncode != 0 and 'not a complete fac_jax checkpoint' in result.stderr
+
+
+def test_typed_question_with_spoken_and_typed_history(setup, tmp_path):
+  _, ckpt, _, question = setup
+  history = tmp_path / 'history.json'
+  history.write_text(json.dumps([{'user': {'audio': question}, 'assistant': 'hello there'},
+                                 {'user': 'and then?', 'assistant': 'the end'}]))
+  result = chat(f'--ckpt={ckpt}', '--text=what next', f'--history={history}', '--mode=s2t',
+                '--max_new_tokens=6', '--greedy')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip()  # the answer's text
+  broken = tmp_path / 'broken.json'
+  broken.write_text(json.dumps([{'user': 'hi'}]))
+  result = chat(f'--ckpt={ckpt}', '--text=hi', f'--history={broken}', '--mode=s2t')
+  assert result.returncode != 0 and f'{broken}: turn 0 must be' in result.stderr

@@ -172,3 +172,27 @@ def test_cached_steps_match_an_uncached_replay(golden_generation):
     assert float(jnp.abs(logits - out['code_logits'][0, t]).max() / jnp.abs(logits).max()) < 1e-4
     assert spoken == codes[t - 1].tolist()
   assert llm_inputs.shape[0] == length + steps - 1
+
+
+def test_rows_stop_independently(tiny_config):
+  rng = np.random.default_rng(7)
+  prompt = prompt_of(synthetic.batch(rng, tiny_config.model, 2, 96, 16))
+  graphdef, state = nnx.split(fun_audio_chat.create(tiny_config.model, seed=6))
+  params = nnx.to_pure_dict(state)
+
+  def run(cfg):
+    return jax.device_get(generate.make_generate_fn(graphdef, cfg, greedy(8))(params, prompt, KEY))
+
+  free = run(tiny_config.model)
+  # A token row 0 writes at step 3 that row 1 never writes becomes the stop token.
+  stop = int(free['text'][0, 3])
+  assert stop not in free['text'][1].tolist() and stop not in free['text'][0, :3].tolist()
+  cfg = copy.deepcopy(tiny_config.model)
+  cfg.tokens.im_end = stop
+  stopped = run(cfg)
+  assert stopped['num_text'].tolist() == [4, 8]
+  np.testing.assert_array_equal(stopped['text'][0, :4], free['text'][0, :4])
+  assert (stopped['text'][0, 4:] == cfg.tokens.endoftext).all()
+  assert stopped['num_speech_groups'].tolist() == [3, free['num_speech_groups'][1]]
+  np.testing.assert_array_equal(stopped['text'][1], free['text'][1])
+  np.testing.assert_array_equal(stopped['speech'][1], free['speech'][1])
