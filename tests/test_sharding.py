@@ -1,16 +1,13 @@
 """The logical-axis table, and a sharded train step on 8 host devices against one device."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 import ml_collections
 
 from fac_jax import sharding
+
+from conftest import run_on_host_devices
 
 MESH = AbstractMesh((2, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
@@ -38,13 +35,7 @@ def test_mesh_from_config_fills_and_refuses():
 
 
 def test_sharded_train_step_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-                                   '--xla_backend_optimization_level=0')
-  script = os.path.join(os.path.dirname(__file__), 'sharded_step_check.py')
-  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_host_devices('sharded_step_check.py')
   assert result['devices'] == 8 and result['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2}
   assert result['init_max_rel_err'] == 0.0  # same seed, same values, whatever the layout
   for sharded, single in zip(result['losses_sharded'], result['losses_single']):
