@@ -16,7 +16,6 @@ import sys
 
 from absl import app, flags
 import jax
-import librosa
 import numpy as np
 import soundfile
 from flax import nnx
@@ -50,20 +49,8 @@ class ChatError(ValueError):
   """Input the chat cannot use; the message says which file and why."""
 
 
-def read_question(path: str, max_seconds: float) -> np.ndarray:
-  try:
-    waveform, _ = librosa.load(path, sr=audio.SAMPLE_RATE, mono=True)
-  except Exception as e:  # librosa raises many kinds for unreadable files
-    raise ChatError(f'cannot read audio file {path}: {e}') from None
-  seconds = len(waveform) / audio.SAMPLE_RATE
-  if len(waveform) < audio.HOP_LENGTH * 4:
-    raise ChatError(f'{path} holds {seconds:.3f} s of audio: too short to ask anything')
-  if seconds > max_seconds:
-    raise ChatError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:.0f} s '
-                    '(--max_audio_seconds)')
-  if not np.isfinite(waveform).all():
-    raise ChatError(f'{path} has non-finite samples')
-  return waveform
+def read_question(path: str) -> np.ndarray:
+  return audio.load(path, max_seconds=FLAGS.max_audio_seconds)
 
 
 def read_history(path: str) -> list[dict]:
@@ -104,8 +91,7 @@ def build_prompt(text_tokenizer, cfg, mode: str, history: list[dict], question) 
 
   for turn in history:
     user = turn['user']
-    user_turn(user if isinstance(user, str) else read_question(user['audio'],
-                                                               FLAGS.max_audio_seconds))
+    user_turn(user if isinstance(user, str) else read_question(user['audio']))
     pieces.append(conversation.Text(encode(turn['assistant']) + [tok.im_end] + newline,
                                     trained=False))
   user_turn(question)
@@ -140,7 +126,7 @@ def main(argv):
         raise ChatError(f'{FLAGS.detokenizer} has {detokenizer.vocab_size} codes; the model '
                         f'speaks {cfg.speech.bos_id}')
     history = read_history(FLAGS.history) if FLAGS.history else []
-    question = FLAGS.text or read_question(FLAGS.audio, FLAGS.max_audio_seconds)
+    question = FLAGS.text or read_question(FLAGS.audio)
     prompt = build_prompt(text_tokenizer, cfg, FLAGS.mode, history, question)
     reader = checkpoint.Reader(FLAGS.ckpt)
   except (ChatError, FileNotFoundError, ValueError) as e:

@@ -26,3 +26,28 @@ def test_log_mel_matches_whisper_feature_extractor(num_samples, num_mel_bins):
 def test_log_mel_refuses_stereo():
   with pytest.raises(ValueError, match='mono'):
     audio.log_mel(np.zeros((2, 1600)))
+
+
+def test_load_resamples_to_16k_mono_and_refuses_bad_files(tmp_path):
+  import soundfile
+  rng = np.random.default_rng(0)
+  stereo = rng.normal(size=(44100, 2)).astype(np.float32) * 0.1
+  path = tmp_path / 'stereo.wav'
+  soundfile.write(path, stereo, 44100)
+  waveform = audio.load(str(path))
+  assert waveform.ndim == 1 and abs(len(waveform) - 16000) <= 1
+
+  empty, corrupt, nan, long = (tmp_path / n for n in ('empty.wav', 'corrupt.wav', 'nan.wav',
+                                                       'long.wav'))
+  soundfile.write(empty, np.zeros(0, np.float32), 16000)
+  corrupt.write_bytes(b'RIFF\x00\x00\x00\x00WAVEnot really')
+  soundfile.write(nan, np.full(16000, np.nan, np.float32), 16000, subtype='FLOAT')
+  soundfile.write(long, np.zeros(16000 * 3, np.float32), 16000)
+  for bad, message in [(empty, 'too short'), (corrupt, 'cannot read audio file'),
+                       (tmp_path / 'missing.wav', 'cannot read audio file'),
+                       (nan, 'not finite')]:
+    with pytest.raises(audio.AudioError, match=message) as error:
+      audio.load(str(bad))
+    assert str(bad) in str(error.value)
+  with pytest.raises(audio.AudioError, match='is 3.0 s long; the limit is 2 s'):
+    audio.load(str(long), max_seconds=2)

@@ -1,4 +1,5 @@
-"""Audio front end: 16 kHz waveform -> log-mel with the definition of Whisper-v3's feature extractor."""
+"""Audio front end: any common audio file -> 16 kHz mono waveform -> log-mel with the definition
+of Whisper-v3's feature extractor."""
 
 import functools
 
@@ -14,6 +15,26 @@ HOP_LENGTH = 160
 def _mel_filters(num_mel_bins: int) -> np.ndarray:
   return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=num_mel_bins, fmin=0.0,
                              fmax=SAMPLE_RATE / 2, htk=False, norm='slaney').astype(np.float64)
+
+
+class AudioError(ValueError):
+  """An audio file that cannot be used; the message names the file and why."""
+
+
+def load(path: str, max_seconds: float | None = None, min_samples: int = 4 * HOP_LENGTH
+         ) -> np.ndarray:
+  """Reads any file librosa reads, resampled to 16 kHz mono float32; refuses unreadable (librosa
+  also refuses non-finite samples), too short (default: under 4 mel frames) or overlong audio."""
+  try:
+    waveform, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True)
+  except Exception as e:  # librosa raises many kinds for unreadable files
+    raise AudioError(f'cannot read audio file {path}: {e}') from None
+  seconds = len(waveform) / SAMPLE_RATE
+  if len(waveform) < min_samples:
+    raise AudioError(f'{path} holds {seconds:.3f} s of audio: too short')
+  if max_seconds is not None and seconds > max_seconds:
+    raise AudioError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:g} s')
+  return waveform
 
 
 def log_mel(waveform: np.ndarray, num_mel_bins: int = 128) -> np.ndarray:
