@@ -168,7 +168,7 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
       leaf = np.asarray(jax.device_get(official_layout.at_path(reader.load(paths=[m.path]),
                                                                m.path)))
       for i in range(len(m.keys)):
-        yield official_layout.to_official(leaf[i] if m.stacked else leaf, m.layout)
+        yield official_layout.relayout(leaf[i] if m.stacked else leaf, m.layout)
       del leaf
       checkpoint.release_freed_memory()
     if unused is not None:

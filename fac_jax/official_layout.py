@@ -28,18 +28,9 @@ def at_path(tree: Mapping, path: tuple[str, ...]):
   return tree
 
 
-def to_ours(array: np.ndarray, layout: str) -> np.ndarray:
-  if layout == 'linear':
-    return array.T
-  if layout == 'conv1d':
-    return np.transpose(array, (2, 1, 0))
-  return array
-
-
-def to_official(array: np.ndarray, layout: str) -> np.ndarray:
-  if layout == 'conv1d':
-    return np.transpose(array, (2, 1, 0))
-  return to_ours(array, layout)
+def relayout(array: np.ndarray, layout: str) -> np.ndarray:
+  """Official layout -> ours, and ours -> official: both reversals are their own inverse."""
+  return np.transpose(array) if layout in ('linear', 'conv1d') else array
 
 
 def _linear(path, key, bias=False):
@@ -59,9 +50,8 @@ def decoder_stack_maps(cfg: ml_collections.ConfigDict, layer_prefix: str, norm_k
                        path=()) -> list[TensorMap]:
   """A Qwen3 decoder stack: Hugging Face `Qwen3Model` names under `layer_prefix`."""
   layer = []
-  for ours, theirs in [('q_proj', 'q_proj'), ('k_proj', 'k_proj'), ('v_proj', 'v_proj'),
-                       ('o_proj', 'o_proj')]:
-    layer += _linear(('attention', ours), f'self_attn.{theirs}')
+  for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
+    layer += _linear(('attention', name), f'self_attn.{name}')
   layer += [TensorMap(('attention', 'q_norm', 'scale'), ('self_attn.q_norm.weight',), 'same'),
             TensorMap(('attention', 'k_norm', 'scale'), ('self_attn.k_norm.weight',), 'same')]
   for name in ('gate_proj', 'up_proj', 'down_proj'):
@@ -86,10 +76,10 @@ def causal_lm_maps(cfg: ml_collections.ConfigDict, prefix: str = '', path=()) ->
 def encoder_maps(cfg: ml_collections.ConfigDict, prefix: str = '', path=()) -> list[TensorMap]:
   """Whisper-style encoder names (`Qwen2_5OmniAudioEncoder`, `continuous_audio_tower`)."""
   layer = []
-  for ours, theirs in [('q_proj', 'q_proj'), ('v_proj', 'v_proj'), ('out_proj', 'out_proj'),
-                       ('fc1', 'fc1'), ('fc2', 'fc2')]:
-    scope = theirs if theirs.startswith('fc') else f'self_attn.{theirs}'
-    layer += _linear((ours,), scope, bias=True)
+  for name in ('q_proj', 'v_proj', 'out_proj'):
+    layer += _linear((name,), f'self_attn.{name}', bias=True)
+  for name in ('fc1', 'fc2'):
+    layer += _linear((name,), name, bias=True)
   layer += _linear(('k_proj',), 'self_attn.k_proj')
   for ours, theirs in [('self_attn_norm', 'self_attn_layer_norm'),
                        ('mlp_norm', 'final_layer_norm')]:
@@ -194,7 +184,7 @@ def read_block(read: Callable[[str], np.ndarray], m: TensorMap, index: tuple,
   """
   keys, index = (m.keys[index[0]], tuple(index[1:])) if m.stacked else (m.keys, tuple(index))
   their_index = tuple(reversed(index)) if m.layout in ('linear', 'conv1d') else index
-  block = lambda key: to_ours(read(key)[their_index], m.layout)
+  block = lambda key: relayout(read(key)[their_index], m.layout)
   if not m.stacked:
     return np.ascontiguousarray(block(keys[0]), dtype=dtype)
   first = block(keys[0])
