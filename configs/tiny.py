@@ -16,4 +16,5 @@ def get_config(arg=None):
   model.speech.update(codebook_size=77, bos_id=73, eos_id=74, pad_id=75)
   model.tokens.update(audio=256, audio_bos=257, audio_eos=258, sil=259, im_start=250, im_end=251,
                       endoftext=252)
+  config.data.update(batch_size=8, seq_len=128, num_windows=24)
   return config

@@ -42,6 +42,14 @@ def default_config() -> ml_collections.ConfigDict:
   model.param_dtype = 'float32'
   model.remat_policy = 'none'  # none | full | dots | dots_no_batch
 
+  # Prepared data (python -m fac_jax.data.prepare) and how the grain pipeline batches it.
+  config.data = ml_collections.ConfigDict(dict(
+      dir='', train_split='train', eval_split='validation',
+      batch_size=64,  # global rows per step
+      seq_len=4096,  # LLM positions (5 Hz) per row
+      num_windows=64,  # mel windows per row (of encoder.window_frames frames)
+      max_audio_seconds=30.0, worker_count=0, prefetch_buffer=4))
+
   # Device mesh: -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -47,3 +47,29 @@ def special_ids(tokenizer: tokenizers.Tokenizer, folder: str = '') -> dict[str, 
   if missing:
     raise ValueError(f'tokenizer in {folder or "?"} lacks special tokens {missing}')
   return ids
+
+
+def train_bpe(texts, special: dict[str, int], folder: str) -> tokenizers.Tokenizer:
+  """Trains a small BPE on `texts` for a model whose special tokens sit at the ids in `special`
+  (our `model.tokens` fields): ordinary tokens fill the ids below the first special id, ids
+  between and after special ones are reserved. Saves tokenizer.json in `folder`."""
+  first_special = min(special.values())
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token='<unk>'))
+  tokenizer.normalizer = tokenizers.normalizers.NFKC()
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  tokenizer.decoder = tokenizers.decoders.Metaspace()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=first_special, special_tokens=['<unk>'],
+                                           show_progress=False)
+  tokenizer.train_from_iterator(texts, trainer)
+  text_of = {token_id: SPECIAL_TOKENS[field] for field, token_id in special.items()}
+  added = [text_of.get(i, f'<|reserved_{i}|>')
+           for i in range(tokenizer.get_vocab_size(), max(special.values()) + 1)]
+  tokenizer.add_special_tokens(added)
+  wrong = {field: tokenizer.token_to_id(SPECIAL_TOKENS[field])
+           for field, token_id in special.items()
+           if tokenizer.token_to_id(SPECIAL_TOKENS[field]) != token_id}
+  if wrong:
+    raise ValueError(f'trained tokenizer put special tokens at {wrong}; expected {special}')
+  os.makedirs(folder, exist_ok=True)
+  tokenizer.save(os.path.join(folder, 'tokenizer.json'))
+  return tokenizer

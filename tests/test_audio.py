@@ -37,15 +37,18 @@ def test_load_resamples_to_16k_mono_and_refuses_bad_files(tmp_path):
   waveform = audio.load(str(path))
   assert waveform.ndim == 1 and abs(len(waveform) - 16000) <= 1
 
-  empty, corrupt, nan, long = (tmp_path / n for n in ('empty.wav', 'corrupt.wav', 'nan.wav',
-                                                       'long.wav'))
+  empty, corrupt, nan, long, silent, narrow = (
+      tmp_path / n for n in ('empty.wav', 'corrupt.wav', 'nan.wav', 'long.wav', 'silent.wav',
+                             'narrow.wav'))
   soundfile.write(empty, np.zeros(0, np.float32), 16000)
   corrupt.write_bytes(b'RIFF\x00\x00\x00\x00WAVEnot really')
   soundfile.write(nan, np.full(16000, np.nan, np.float32), 16000, subtype='FLOAT')
-  soundfile.write(long, np.zeros(16000 * 3, np.float32), 16000)
+  soundfile.write(long, np.ones(16000 * 3, np.float32) * 0.1, 16000)
+  soundfile.write(silent, np.zeros(16000, np.float32), 16000)
+  soundfile.write(narrow, rng.normal(size=8000).astype(np.float32) * 0.1, 8000)
   for bad, message in [(empty, 'too short'), (corrupt, 'cannot read audio file'),
-                       (tmp_path / 'missing.wav', 'cannot read audio file'),
-                       (nan, 'not finite')]:
+                       (tmp_path / 'missing.wav', 'does not exist'),
+                       (nan, 'not finite'), (silent, 'silent'), (narrow, 'sampled at 8000 Hz')]:
     with pytest.raises(audio.AudioError, match=message) as error:
       audio.load(str(bad))
     assert str(bad) in str(error.value)

@@ -2,6 +2,7 @@
 of Whisper-v3's feature extractor."""
 
 import functools
+import os
 
 import librosa
 import numpy as np
@@ -18,22 +19,41 @@ def _mel_filters(num_mel_bins: int) -> np.ndarray:
 
 
 class AudioError(ValueError):
-  """An audio file that cannot be used; the message names the file and why."""
+  """An audio file that cannot be used; the message names the file and why, `reason` is a short
+  tag for counting (missing, unreadable, non_finite, low_sample_rate, overlong, too_short, silent)."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
 
 
-def load(path: str, max_seconds: float | None = None, min_samples: int = 4 * HOP_LENGTH
-         ) -> np.ndarray:
-  """Reads any file librosa reads, resampled to 16 kHz mono float32; refuses unreadable (librosa
-  also refuses non-finite samples), too short (default: under 4 mel frames) or overlong audio."""
-  try:
-    waveform, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True)
+def load(path: str, max_seconds: float | None = None, min_samples: int = 4 * HOP_LENGTH,
+         min_sample_rate: int = SAMPLE_RATE, silence_peak: float = 1e-4) -> np.ndarray:
+  """Reads any file librosa reads as 16 kHz mono float32. Refuses, naming the file: unreadable,
+  non-finite, recorded below `min_sample_rate` (upsampling cannot restore the missing band), too
+  short (default: under 4 mel frames), overlong, or silent (peak under `silence_peak`)."""
+  if not os.path.exists(path):
+    raise AudioError(f'audio file {path} does not exist', 'missing')
+  try:  # mono=False: librosa's own down-mix refuses non-finite samples with a vaguer message
+    waveform, native_rate = librosa.load(path, sr=None, mono=False)
   except Exception as e:  # librosa raises many kinds for unreadable files
-    raise AudioError(f'cannot read audio file {path}: {e}') from None
-  seconds = len(waveform) / SAMPLE_RATE
-  if len(waveform) < min_samples:
-    raise AudioError(f'{path} holds {seconds:.3f} s of audio: too short')
+    raise AudioError(f'cannot read audio file {path}: {e}', 'unreadable') from None
+  if waveform.ndim == 2:
+    waveform = waveform.mean(axis=0)
+  if not np.all(np.isfinite(waveform)):
+    raise AudioError(f'{path} holds samples that are not finite (NaN or infinite)', 'non_finite')
+  if native_rate < min_sample_rate:
+    raise AudioError(f'{path} is sampled at {native_rate} Hz; at least {min_sample_rate} Hz is '
+                     'needed', 'low_sample_rate')
+  seconds = len(waveform) / native_rate
   if max_seconds is not None and seconds > max_seconds:
-    raise AudioError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:g} s')
+    raise AudioError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:g} s', 'overlong')
+  if native_rate != SAMPLE_RATE:
+    waveform = librosa.resample(waveform, orig_sr=native_rate, target_sr=SAMPLE_RATE)
+  if len(waveform) < min_samples:
+    raise AudioError(f'{path} holds {seconds:.3f} s of audio: too short', 'too_short')
+  if np.max(np.abs(waveform)) < silence_peak:
+    raise AudioError(f'{path} is silent (peak amplitude under {silence_peak:g})', 'silent')
   return waveform
 
 

@@ -18,6 +18,9 @@ import numpy as np
 
 from fac_jax.batch import FIELDS, IGNORE_ID
 
+# Text of the ChatML template around turns (a trained tokenizer must know these).
+CHAT_TEMPLATE_TEXTS = ('system\n', 'user\n', 'assistant\n', '\n')
+
 
 @dataclasses.dataclass
 class Text:

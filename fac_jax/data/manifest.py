@@ -1,0 +1,120 @@
+"""JSONL conversation manifests: the format, and a reader that validates every line.
+
+One conversation per line:
+
+  {"id": "train-00042",                       optional; default "<file name>:<line number>"
+   "task": "spoken_qa",                       optional tag; default "chat"
+   "system": "You are a helpful assistant.",  optional system prompt
+   "turns": [
+     {"role": "user", "audio": "audio/q42.wav", "text": "what is two plus five"},
+     {"role": "user", "text": "And in words?"},
+     {"role": "assistant", "text": "Seven.", "audio": "audio/a42.wav"}],
+   "meta": {...}}                             optional, kept as is (speaker, voice, answer, ...)
+
+A user turn has `audio` (read by the continuous encoder; its `text`, if any, is the transcript,
+kept for evaluation only) or `text`. An assistant turn has `text` and, for a spoken answer,
+`audio` (turned into speech codes). Audio paths are relative to the manifest's folder unless
+absolute. A conversation ends with an assistant turn.
+"""
+
+import dataclasses
+import json
+import os
+
+ROLES = ('user', 'assistant')
+
+
+class ManifestError(ValueError):
+  """A manifest line that cannot be used; the message names the file, the line and the field."""
+
+
+@dataclasses.dataclass
+class Turn:
+  role: str
+  text: str | None = None
+  audio: str | None = None  # absolute path
+
+
+@dataclasses.dataclass
+class Conversation:
+  id: str
+  turns: list[Turn]
+  task: str = 'chat'
+  system: str | None = None
+  meta: dict = dataclasses.field(default_factory=dict)
+  source: str = ''  # "<manifest path>:<line number>", for error messages
+
+
+def _optional_str(record: dict, field: str, where: str) -> str | None:
+  value = record.get(field)
+  if value is not None and not isinstance(value, str):
+    raise ManifestError(f'{where}: field {field!r} must be a string, got {type(value).__name__}')
+  return value
+
+
+def parse_line(line: str, path: str, number: int) -> Conversation:
+  """One manifest line -> Conversation; ManifestError names the file, line and field at fault."""
+  where = f'{path}:{number}'
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ManifestError(f'{where}: not valid JSON ({e.msg} at column {e.colno})') from None
+  if not isinstance(record, dict):
+    raise ManifestError(f'{where}: expected a JSON object, got {type(record).__name__}')
+  unknown = sorted(set(record) - {'id', 'task', 'system', 'turns', 'meta'})
+  if unknown:
+    raise ManifestError(f'{where}: unknown fields {unknown}; expected id, task, system, turns, '
+                        'meta')
+  turns = record.get('turns')
+  if not isinstance(turns, list) or not turns:
+    raise ManifestError(f'{where}: field "turns" must be a non-empty list')
+  folder = os.path.dirname(os.path.abspath(path))
+  parsed = []
+  for i, turn in enumerate(turns):
+    at = f'{where}: turns[{i}]'
+    if not isinstance(turn, dict):
+      raise ManifestError(f'{at} must be an object')
+    unknown = sorted(set(turn) - {'role', 'text', 'audio'})
+    if unknown:
+      raise ManifestError(f'{at}: unknown fields {unknown}; expected role, text, audio')
+    role = turn.get('role')
+    if role not in ROLES:
+      raise ManifestError(f'{at}: field "role" must be one of {list(ROLES)}, got {role!r}')
+    text, audio = _optional_str(turn, 'text', at), _optional_str(turn, 'audio', at)
+    if role == 'user' and not (text or audio):
+      raise ManifestError(f'{at}: a user turn needs "audio" or "text"')
+    if role == 'assistant' and not text:
+      raise ManifestError(f'{at}: an assistant turn needs "text"')
+    if audio is not None:
+      audio = os.path.join(folder, audio)
+    parsed.append(Turn(role, text, audio))
+  if parsed[-1].role != 'assistant':
+    raise ManifestError(f'{where}: the last turn must be the assistant\'s')
+  meta = record.get('meta', {})
+  if not isinstance(meta, dict):
+    raise ManifestError(f'{where}: field "meta" must be an object')
+  conversation_id = _optional_str(record, 'id', where) or f'{os.path.basename(path)}:{number}'
+  return Conversation(id=conversation_id, turns=parsed, task=_optional_str(record, 'task', where)
+                      or 'chat', system=_optional_str(record, 'system', where), meta=meta,
+                      source=where)
+
+
+def read(path: str):
+  """Yields (line number, Conversation or ManifestError) for every non-blank line, so that a
+  caller can report and skip bad lines and go on."""
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          yield number, parse_line(line, path, number)
+        except ManifestError as e:
+          yield number, e
+
+
+def write(path: str, records: list[dict]) -> None:
+  """Writes manifest records (dicts in the format above) as JSONL, atomically."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+  os.replace(tmp, path)

