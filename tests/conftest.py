@@ -17,7 +17,7 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_on_host_devices(script_name: str, devices: int = 8) -> dict:
+def run_on_host_devices(script_name: str, devices: int = 8, args: tuple = ()) -> dict:
   """Runs tests/<script_name> in a process that sees `devices` host devices; its JSON summary."""
   import json
   import subprocess
@@ -25,7 +25,7 @@ def run_on_host_devices(script_name: str, devices: int = 8) -> dict:
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
                                    '--xla_backend_optimization_level=0')
   script = os.path.join(os.path.dirname(__file__), script_name)
-  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -132,11 +132,12 @@ def format_conversation(pieces, cfg: ml_collections.ConfigDict) -> dict:
 def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
          cfg: ml_collections.ConfigDict) -> dict:
   """Batch of B rows, each packing its formatted conversations (segments 1, 2, ...) and padding
-  to `seq_len` positions and `num_windows` mel windows."""
+  to `seq_len` positions and `num_windows` mel windows; at least one row must hold one."""
   pooled_per_window = cfg.encoder.window_frames // 4
   fill = {'input_ids': cfg.tokens.endoftext, 'speech_codes': cfg.speech.pad_id,
           'continuous_frames': -1, 'text_targets': IGNORE_ID, 'speech_targets': IGNORE_ID}
   batch = {name: [] for name in FIELDS}
+  template = next(example for row in rows for example in row)  # an empty row is all padding
   for r, row in enumerate(rows):
     parts = {name: [] for name in FIELDS}
     windows_so_far = 0
@@ -150,7 +151,7 @@ def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
         parts[name].append(value)
       windows_so_far += len(example['mel_lengths'])
     for name in FIELDS:
-      value = np.concatenate(parts[name]) if parts[name] else None
+      value = np.concatenate(parts[name]) if parts[name] else template[name][:0]
       target = num_windows if name in ('mel', 'mel_lengths') else seq_len
       if len(value) > target:
         what = 'mel windows' if target == num_windows else 'positions'
