@@ -291,6 +291,7 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
             beam_options: list[str] | None = None) -> dict:
   """Builds (or resumes building) the dataset in `out`; returns the report it also writes."""
   start = time.time()
+  tfds.disable_progress_bar()  # its bars would interleave with ours
   os.makedirs(out, exist_ok=True)
   codes = prepare_tokenizers(out, splits, model, tokenizer_folder, speech_tokenizer_file)
   extractor = Extractor(model.encoder.num_mel_bins, max_audio_seconds, codes)
@@ -330,41 +331,42 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
   return report
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
-_MANIFEST = flags.DEFINE_string('manifest', None, 'split=path.jsonl[,split=path.jsonl]',
-                                required=True)
-_OUT = flags.DEFINE_string('out', None, 'Output folder.', required=True)
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Text tokenizer folder (default: train a '
-                                 'BPE on the manifests).')
-_SPEECH_TOKENIZER = flags.DEFINE_string('speech_tokenizer', None, 'k-means speech tokenizer '
-                                        '.npz (default: train one on the train split).')
-_CHUNK_SIZE = flags.DEFINE_integer('chunk_size', 64, 'Manifest lines per cached extraction unit.')
-_NUM_SHARDS = flags.DEFINE_integer('num_shards', None, 'ArrayRecord shards per split (default: '
-                                   'by size).')
-_BEAM = flags.DEFINE_bool('beam', False, 'Run the builder on Apache Beam.')
-_BEAM_OPTIONS = flags.DEFINE_list('beam_options', None, 'Beam pipeline options, e.g. '
-                                  '--runner=DataflowRunner,--project=...')
+def _define_flags() -> None:
+  """Command-line flags, defined only when this module is the program (it is also a library)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+  flags.DEFINE_string('manifest', None, 'split=path.jsonl[,split=path.jsonl]', required=True)
+  flags.DEFINE_string('out', None, 'Output folder.', required=True)
+  flags.DEFINE_string('tokenizer', None, 'Text tokenizer folder (default: train a BPE on the '
+                      'manifests).')
+  flags.DEFINE_string('speech_tokenizer', None, 'k-means speech tokenizer .npz (default: train '
+                      'one on the train split).')
+  flags.DEFINE_integer('chunk_size', 64, 'Manifest lines per cached extraction unit.')
+  flags.DEFINE_integer('num_shards', None, 'ArrayRecord shards per split (default: by size).')
+  flags.DEFINE_bool('beam', False, 'Run the builder on Apache Beam.')
+  flags.DEFINE_list('beam_options', None, 'Beam pipeline options, e.g. '
+                    '--runner=DataflowRunner,--project=...')
 
 
 def main(argv):
   del argv
-  cfg = _CONFIG.value
-  if cfg is None:
+  FLAGS = flags.FLAGS
+  if FLAGS.config is None:
     raise app.UsageError('--config is required (its model sizes fix the mel bins and codes)')
-  report = prepare(_OUT.value, parse_manifest_flag(_MANIFEST.value), cfg.model,
-                   max_audio_seconds=cfg.data.max_audio_seconds, tokenizer_folder=_TOKENIZER.value,
-                   speech_tokenizer_file=_SPEECH_TOKENIZER.value, chunk_size=_CHUNK_SIZE.value,
-                   num_shards=_NUM_SHARDS.value, use_beam=_BEAM.value,
-                   beam_options=_BEAM_OPTIONS.value)
+  report = prepare(FLAGS.out, parse_manifest_flag(FLAGS.manifest), FLAGS.config.model,
+                   max_audio_seconds=FLAGS.config.data.max_audio_seconds,
+                   tokenizer_folder=FLAGS.tokenizer, speech_tokenizer_file=FLAGS.speech_tokenizer,
+                   chunk_size=FLAGS.chunk_size, num_shards=FLAGS.num_shards, use_beam=FLAGS.beam,
+                   beam_options=FLAGS.beam_options)
   for split, entry in report['splits'].items():
     print(f'{split}: kept {entry["kept"]} conversations in {entry["shards"]} shard(s); skipped '
           f'{entry["skipped"]} {entry["skipped_by_reason"] or ""}')
   print(f'dataset: {report["dataset"]} ({report["seconds"]} s); report: '
-        f'{os.path.join(_OUT.value, REPORT_FILE)}')
+        f'{os.path.join(FLAGS.out, REPORT_FILE)}')
 
 
 def run():
   """Console-script entry point."""
+  _define_flags()
   app.run(main)
 
 

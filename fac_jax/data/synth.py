@@ -7,13 +7,15 @@ piper neural voice where installed), written as conversation manifests (fac_jax.
 writes
   DIR/audio/*.wav          16 kHz mono PCM_16, named by a hash of engine, voice, rate and text, so
                            that a rerun makes only the missing ones
-  DIR/train.jsonl          speech conversations, tasks transcription, read_aloud and spoken_qa in turn
+  DIR/train.jsonl          speech conversations: transcription, read_aloud and spoken_qa in turn
   DIR/validation.jsonl     the same, held out: user voices, facts and arithmetic never in train
   DIR/text_facts.jsonl     every fact and arithmetic item of both splits as a text-only question and
                            answer (task text_qa), to teach a text LLM what the speech split asks
   DIR/corpus.txt           every text string of the three manifests, one a line, for the tokenizer
   DIR/summary.json         counts per split, task and voice, seconds of audio, engines used
 
+Sentences, questions and answers are lower case without punctuation (as transcripts often are),
+which keeps the vocabulary small enough for a BPE of a few hundred tokens to hold most words whole.
 User speech comes from espeak-ng voice+variant pairs at random rates and pitches and, in train only,
 from piper's joe voice for a share of turns. The assistant speaks with one voice: piper joe, or a
 fixed espeak-ng voice without piper. Conversation meta: voice, engine, speed (espeak-ng words a
@@ -30,7 +32,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 
 from absl import app, flags
@@ -48,9 +49,10 @@ SYSTEM_PROMPTS = {
 }
 TASKS = tuple(SYSTEM_PROMPTS)
 TEXT_QA_TASK = 'text_qa'
+READ_ALOUD_PREFIX = 'Read aloud: '
 SPLITS = ('train', 'validation')
 HELD_OUT_SHARE = 0.2  # of espeak-ng voices, facts and arithmetic items
-PIPER_USER_SHARE = 0.25  # of train user turns; piper is ~5x slower than espeak-ng
+PIPER_USER_SHARE = 0.25  # of train user turns; piper is several times slower than espeak-ng
 
 ESPEAK = 'espeak-ng'
 PIPER = 'piper'
@@ -61,56 +63,59 @@ ESPEAK_SPEEDS = (140, 190)  # words a minute, inclusive
 ESPEAK_PITCHES = (30, 70)
 PIPER_VOICE = 'joe'
 PIPER_RATES = (0.85, 1.15)
-# Text tokens go one per 200 ms step of the answer's audio: the assistant speaks a little slowly and
-# its audio is padded with silence to 80 ms a character, room for BPE tokens of 2.5+ characters.
-ASSISTANT_SECONDS_PER_CHAR = 0.08
-PIPER_ASSISTANT_RATE = 0.85
-ESPEAK_ASSISTANT_VOICE = 'en-us'  # at 150 words a minute, pitch 50, where piper is missing
 PIPER_VOLUME = 0.8  # piper normalises to full scale; espeak-ng peaks near 0.7
+ESPEAK_ASSISTANT_VOICE = 'en-us'  # at 150 words a minute, pitch 50, where piper is missing
+PIPER_ASSISTANT_RATE = 0.85
+# One text token goes with each 200 ms step of an answer's audio, so the assistant speaks a little
+# slowly and its audio is padded with silence to a length that holds the answer's BPE tokens and
+# the end-of-turn token: 2.5 characters a token (a 250-token BPE of this corpus averages 3.1) plus
+# four steps for short rare words, which that BPE splits into as many tokens as letters.
+ASSISTANT_SECONDS_PER_CHAR = 0.08
+ASSISTANT_EXTRA_SECONDS = 0.8
 
 FACTS = (
-    ('What colour is the sky?', 'Blue.'),
-    ('What colour is grass?', 'Green.'),
-    ('What colour is snow?', 'White.'),
-    ('What colour is coal?', 'Black.'),
-    ('What colour is a banana?', 'Yellow.'),
-    ('What colour is a tomato?', 'Red.'),
-    ('What is the capital of France?', 'Paris.'),
-    ('What is the capital of Spain?', 'Madrid.'),
-    ('What is the capital of Italy?', 'Rome.'),
-    ('What is the capital of Japan?', 'Tokyo.'),
-    ('What is the capital of England?', 'London.'),
-    ('What is the capital of Germany?', 'Berlin.'),
-    ('What is the capital of Egypt?', 'Cairo.'),
-    ('What is the capital of Greece?', 'Athens.'),
-    ('How many legs does a dog have?', 'Four.'),
-    ('How many legs does a bird have?', 'Two.'),
-    ('How many legs does a spider have?', 'Eight.'),
-    ('How many wheels does a bike have?', 'Two.'),
-    ('How many days are in a week?', 'Seven.'),
-    ('How many months are in a year?', 'Twelve.'),
-    ('How many hours are in a day?', 'Twenty four.'),
-    ('How many sides does a triangle have?', 'Three.'),
-    ('What do bees make?', 'Honey.'),
-    ('What do cows give us?', 'Milk.'),
-    ('Which animal says moo?', 'A cow.'),
-    ('Which animal barks?', 'A dog.'),
-    ('Which animal has a long neck?', 'A giraffe.'),
-    ('Where do fish live?', 'In water.'),
-    ('What is frozen water called?', 'Ice.'),
-    ('Which planet do we live on?', 'Earth.'),
-    ('What gives us light in the day?', 'The sun.'),
-    ('What is the opposite of hot?', 'Cold.'),
-    ('What is the opposite of up?', 'Down.'),
-    ('What is the opposite of big?', 'Small.'),
-    ('What day comes after Monday?', 'Tuesday.'),
-    ('What is the first month of the year?', 'January.'),
-    ('Which season comes after winter?', 'Spring.'),
-    ('What is a baby cat called?', 'A kitten.'),
-    ('What is a baby dog called?', 'A puppy.'),
-    ('What shape is a ball?', 'Round.'),
-    ('What do we use to see?', 'Our eyes.'),
-    ('What do we use to hear?', 'Our ears.'),
+    ('what colour is the sky', 'blue'),
+    ('what colour is grass', 'green'),
+    ('what colour is snow', 'white'),
+    ('what colour is coal', 'black'),
+    ('what colour is a banana', 'yellow'),
+    ('what colour is blood', 'red'),
+    ('what is the capital of france', 'paris'),
+    ('what is the capital of italy', 'rome'),
+    ('what is the capital of england', 'london'),
+    ('what is the capital of japan', 'tokyo'),
+    ('what is the capital of spain', 'madrid'),
+    ('what is the capital of germany', 'berlin'),
+    ('how many legs does a dog have', 'four'),
+    ('how many legs does a bird have', 'two'),
+    ('how many legs does a spider have', 'eight'),
+    ('how many legs does a fish have', 'zero'),
+    ('how many wheels does a car have', 'four'),
+    ('how many days are in a week', 'seven'),
+    ('how many months are in a year', 'twelve'),
+    ('how many hours are in a day', 'twenty four'),
+    ('how many sides does a triangle have', 'three'),
+    ('which animal says moo', 'a cow'),
+    ('which animal barks', 'a dog'),
+    ('which animal can fly', 'a bird'),
+    ('which animal lives in water', 'a fish'),
+    ('what do cows give us', 'milk'),
+    ('what do bees make', 'honey'),
+    ('what is frozen water called', 'ice'),
+    ('which planet do we live on', 'the earth'),
+    ('what gives us light in the day', 'the sun'),
+    ('what is the opposite of hot', 'cold'),
+    ('what is the opposite of up', 'down'),
+    ('what is the opposite of big', 'small'),
+    ('what is the opposite of day', 'night'),
+    ('what day comes after monday', 'tuesday'),
+    ('what is the first month of the year', 'january'),
+    ('what comes after winter', 'spring'),
+    ('what is a baby cat called', 'a kitten'),
+    ('what is a baby dog called', 'a puppy'),
+    ('what shape is a ball', 'round'),
+    ('what do we see with', 'our eyes'),
+    ('what do we hear with', 'our ears'),
 )
 
 NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine',
@@ -119,25 +124,26 @@ NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', '
 TENS_WORDS = ('', '', 'twenty', 'thirty', 'forty', 'fifty', 'sixty', 'seventy', 'eighty', 'ninety')
 OPERATIONS = {'plus': lambda a, b: a + b, 'minus': lambda a, b: a - b, 'times': lambda a, b: a * b}
 
-SUBJECTS = ('the dog', 'my cat', 'a small bird', 'the old man', 'her brother', 'the little girl',
-            'our teacher', 'the farmer', 'my friend', 'the baby')
-ACTIONS = ('runs', 'sits', 'sleeps', 'walks', 'jumps', 'sings', 'waits', 'plays', 'reads', 'swims')
-PLACES = ('in the park', 'by the river', 'at home', 'near the door', 'under the tree',
-          'on the hill', 'in the garden', 'at school')
-TIMES = ('today', 'every day', 'at night', 'in the morning', 'after lunch', 'again')
-TRANSITIVE = ('sees', 'likes', 'finds', 'wants', 'has', 'eats', 'holds', 'brings')
-OBJECTS = ('a red ball', 'the big box', 'some bread', 'a green apple', 'the blue cup',
-           'an old book', 'a warm hat', 'two eggs')
-ADJECTIVES = ('happy', 'tired', 'hungry', 'very tall', 'cold', 'quiet', 'kind', 'busy')
-# 3 to 8 words each, whichever words are drawn.
+# Sentence words, mostly shared with the facts.
+SUBJECTS = ('the dog', 'the cat', 'a bird', 'the cow', 'the man', 'my friend', 'the girl',
+            'the baby')
+ACTIONS = ('runs', 'sits', 'sleeps', 'walks', 'jumps', 'plays', 'sings', 'eats')
+PLACES = ('in the park', 'at home', 'on the hill', 'by the tree', 'in the water', 'at school')
+TIMES = ('today', 'every day', 'at night', 'in the morning', 'again')
+TRANSITIVE = ('sees', 'likes', 'has', 'wants', 'finds')
+COLOURS = ('red', 'blue', 'green', 'white', 'black', 'yellow')
+THINGS = ('ball', 'cup', 'box', 'hat', 'book', 'car')
+ADJECTIVES = ('happy', 'tired', 'hungry', 'big', 'small', 'cold')
+WEATHER = ('cold', 'hot', 'warm', 'dark', 'sunny')
+# 4 to 7 words each, whichever words are drawn.
 SENTENCE_TEMPLATES = (
-    '{subject} {action} {place}.',
-    '{subject} {transitive} {object}.',
-    '{subject} is {adjective}.',
-    '{subject} {action} {time}.',
-    'I can see {object}.',
-    'Look at {object}.',
-    'It is {adjective} {time}.',
+    '{subject} {action} {place}',
+    '{subject} {transitive} the {colour} {thing}',
+    '{subject} is {adjective}',
+    '{subject} {action} {time}',
+    'i can see the {colour} {thing}',
+    'look at the {colour} {thing}',
+    'it is {weather} {time}',
 )
 
 
@@ -151,23 +157,16 @@ def number_words(n: int) -> str:
 
 def arithmetic_items() -> list[tuple[str, str]]:
   """(question, answer) for every a op b with one-digit operands and a result of at least zero."""
-  items = []
-  for op, fn in OPERATIONS.items():
-    for a in range(10):
-      for b in range(10):
-        if fn(a, b) >= 0:
-          items.append((f'What is {number_words(a)} {op} {number_words(b)}?',
-                        f'{number_words(fn(a, b)).capitalize()}.'))
-  return items
+  return [(f'what is {number_words(a)} {op} {number_words(b)}', number_words(fn(a, b)))
+          for op, fn in OPERATIONS.items() for a in range(10) for b in range(10) if fn(a, b) >= 0]
 
 
 def _sentence(rng: np.random.Generator) -> str:
   pick = lambda words: words[rng.integers(len(words))]
-  template = pick(SENTENCE_TEMPLATES)
-  text = template.format(subject=pick(SUBJECTS), action=pick(ACTIONS), place=pick(PLACES),
-                         time=pick(TIMES), transitive=pick(TRANSITIVE), object=pick(OBJECTS),
-                         adjective=pick(ADJECTIVES))
-  return text[0].upper() + text[1:]
+  return pick(SENTENCE_TEMPLATES).format(
+      subject=pick(SUBJECTS), action=pick(ACTIONS), place=pick(PLACES), time=pick(TIMES),
+      transitive=pick(TRANSITIVE), colour=pick(COLOURS), thing=pick(THINGS),
+      adjective=pick(ADJECTIVES), weather=pick(WEATHER))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +176,7 @@ class Speech:
   voice: str  # espeak-ng voice+variant, or the piper voice
   speed: int | float  # espeak-ng words a minute, or piper's rate factor (1 / length scale)
   pitch: int | None  # espeak-ng only, 0-99
-  text: str
+  text: str  # as spoken: the transcript with a full stop or question mark for the intonation
   min_seconds: float = 0.0  # padded with trailing silence to this length
 
   @property
@@ -185,6 +184,15 @@ class Speech:
     """Relative to the output folder."""
     key = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
     return f'audio/{self.engine}-{hashlib.sha1(key).hexdigest()[:16]}.wav'
+
+
+@dataclasses.dataclass
+class Plan:
+  """The corpus before any audio exists."""
+  conversations: dict[str, list[tuple[dict, list[Speech]]]]  # split -> (record, its speech)
+  text_facts: list[dict]
+  user_voices: dict[str, list[str]]  # split -> espeak-ng voices
+  assistant: Speech  # with empty text
 
 
 def _espeak_voices() -> list[str]:
@@ -201,7 +209,7 @@ def _held_out(items: list, seed: int, stream: int) -> dict[str, list]:
           'train': [items[i] for i in order[num_held_out:]]}
 
 
-def _user_speech(rng: np.random.Generator, text: str, espeak_voices: list[str],
+def _user_speech(rng: np.random.Generator, spoken: str, espeak_voices: list[str],
                  piper_share: float) -> Speech:
   # Every draw happens whichever engine is picked, so the rest of the corpus is the same with or
   # without piper.
@@ -211,13 +219,13 @@ def _user_speech(rng: np.random.Generator, text: str, espeak_voices: list[str],
   pitch = int(rng.integers(ESPEAK_PITCHES[0], ESPEAK_PITCHES[1] + 1))
   rate = round(float(rng.uniform(*PIPER_RATES)), 2)
   if use_piper:
-    return Speech(PIPER, PIPER_VOICE, rate, None, text)
-  return Speech(ESPEAK, voice, speed, pitch, text)
+    return Speech(PIPER, PIPER_VOICE, rate, None, spoken)
+  return Speech(ESPEAK, voice, speed, pitch, spoken)
 
 
 def _assistant_speech(template: Speech, text: str) -> Speech:
-  return dataclasses.replace(template, text=text,
-                             min_seconds=round(ASSISTANT_SECONDS_PER_CHAR * len(text), 2))
+  min_seconds = ASSISTANT_SECONDS_PER_CHAR * len(text) + ASSISTANT_EXTRA_SECONDS
+  return dataclasses.replace(template, text=f'{text}.', min_seconds=round(min_seconds, 2))
 
 
 def _user_meta(speech: Speech) -> dict:
@@ -241,7 +249,7 @@ def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
     record = {'id': f'{split}-{i:05d}', 'task': task, 'system': SYSTEM_PROMPTS[task]}
     if task == 'transcription':
       sentence = _sentence(rng)
-      user = _user_speech(rng, sentence, espeak_voices, piper_share)
+      user = _user_speech(rng, f'{sentence}.', espeak_voices, piper_share)
       record['turns'] = [{'role': 'user', 'audio': user.path, 'text': sentence},
                          {'role': 'assistant', 'text': sentence}]
       record['meta'] = _user_meta(user)
@@ -249,7 +257,7 @@ def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
     elif task == 'read_aloud':
       sentence = _sentence(rng)
       answer = _assistant_speech(assistant, sentence)
-      record['turns'] = [{'role': 'user', 'text': f'Read aloud: {sentence}'},
+      record['turns'] = [{'role': 'user', 'text': READ_ALOUD_PREFIX + sentence},
                          {'role': 'assistant', 'text': sentence, 'audio': answer.path}]
       record['meta'] = _assistant_meta(answer)
       speeches = [answer]
@@ -258,7 +266,7 @@ def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
       kind = ('arithmetic', 'fact')[qa_index % 2]
       items = qa_items[kind]
       question, answer_text = items[(qa_index // 2) % len(items)]
-      user = _user_speech(rng, question, espeak_voices, piper_share)
+      user = _user_speech(rng, f'{question}?', espeak_voices, piper_share)
       answer = _assistant_speech(assistant, answer_text)
       record['turns'] = [{'role': 'user', 'audio': user.path, 'text': question},
                          {'role': 'assistant', 'text': answer_text, 'audio': answer.path}]
@@ -282,6 +290,25 @@ def _text_facts(qa_items: dict[str, dict[str, list]]) -> list[dict]:
   return records
 
 
+def plan(num_train: int, num_eval: int, seed: int, with_piper: bool) -> Plan:
+  """Every manifest record and the speech it needs, without synthesising anything."""
+  voices = _held_out(_espeak_voices(), seed, stream=0)
+  if with_piper:
+    assistant = Speech(PIPER, PIPER_VOICE, PIPER_ASSISTANT_RATE, None, '')
+  else:
+    assistant = Speech(ESPEAK, ESPEAK_ASSISTANT_VOICE, 150, 50, '')
+  qa_items = {'arithmetic': _held_out(arithmetic_items(), seed, stream=1),
+              'fact': _held_out(list(FACTS), seed, stream=2)}
+  counts = {'train': num_train, 'validation': num_eval}
+  conversations = {}
+  for split in SPLITS:
+    piper_share = PIPER_USER_SHARE if with_piper and split == 'train' else 0.0
+    conversations[split] = _plan_split(split, counts[split], seed,
+                                       {kind: items[split] for kind, items in qa_items.items()},
+                                       voices[split], piper_share, assistant)
+  return Plan(conversations, _text_facts(qa_items), voices, assistant)
+
+
 def _require_espeak() -> str:
   """espeak-ng's version line; a clear error when it is missing."""
   if shutil.which(ESPEAK) is None:
@@ -292,7 +319,7 @@ def _require_espeak() -> str:
 
 
 def _open_piper(use_piper: str):
-  """(piper voice or None, why not or None) for --piper=auto|on|off."""
+  """(piper voice or None, why not or None) for use_piper auto, on or off."""
   if use_piper not in ('auto', 'on', 'off'):
     raise ValueError(f'use_piper must be auto, on or off, got {use_piper!r}')
   if use_piper == 'off':
@@ -337,29 +364,28 @@ def _write_wav(path: str, waveform: np.ndarray, sample_rate: int, min_seconds: f
   os.replace(tmp, path)
 
 
+def _make_wav(out_dir: str, speech: Speech, piper_voice) -> None:
+  if speech.engine == PIPER:
+    waveform, sample_rate = _piper_waveform(speech, piper_voice)
+  else:
+    waveform, sample_rate = _espeak_waveform(speech)
+  _write_wav(os.path.join(out_dir, speech.path), waveform, sample_rate, speech.min_seconds)
+
+
 def _synthesise_missing(out_dir: str, speeches: list[Speech], piper_voice) -> int:
-  """Makes the wavs that do not exist yet: espeak-ng processes on a thread pool while piper (not
-  thread-safe: its phonemiser is global C state) runs on this thread. Returns how many."""
+  """Makes the wavs that do not exist yet, espeak-ng processes on a thread pool, then piper on
+  this thread (its phonemiser is global C state, and its model already uses every core).
+  Returns how many."""
   missing = [s for s in speeches if not os.path.exists(os.path.join(out_dir, s.path))]
-  lock = threading.Lock()
-  with tqdm(total=len(missing), desc='synthesising speech', unit='wav') as bar, \
-      concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-
-    def make(speech: Speech) -> None:
-      if speech.engine == PIPER:
-        waveform, sample_rate = _piper_waveform(speech, piper_voice)
-      else:
-        waveform, sample_rate = _espeak_waveform(speech)
-      _write_wav(os.path.join(out_dir, speech.path), waveform, sample_rate, speech.min_seconds)
-      with lock:
+  with tqdm(total=len(missing), desc='synthesising speech', unit='wav') as bar:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      for _ in pool.map(lambda s: _make_wav(out_dir, s, piper_voice),
+                        [s for s in missing if s.engine == ESPEAK]):
         bar.update()
-
-    futures = [pool.submit(make, s) for s in missing if s.engine == ESPEAK]
     for speech in missing:
       if speech.engine == PIPER:
-        make(speech)
-    for future in futures:
-      future.result()
+        _make_wav(out_dir, speech, piper_voice)
+        bar.update()
   return len(missing)
 
 
@@ -399,49 +425,31 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
   start = time.time()
   espeak_version = _require_espeak()
   piper_voice, piper_missing = _open_piper(use_piper)
+  corpus = plan(num_train, num_eval, seed, with_piper=piper_voice is not None)
+
   os.makedirs(os.path.join(out_dir, 'audio'), exist_ok=True)
-
-  voices = _held_out(_espeak_voices(), seed, stream=0)
-  if piper_voice is None:
-    assistant = Speech(ESPEAK, ESPEAK_ASSISTANT_VOICE, 150, 50, '')
-  else:
-    assistant = Speech(PIPER, PIPER_VOICE, PIPER_ASSISTANT_RATE, None, '')
-  qa_items = {'arithmetic': _held_out(arithmetic_items(), seed, stream=1),
-              'fact': _held_out(list(FACTS), seed, stream=2)}
-  counts = {'train': num_train, 'validation': num_eval}
-  planned = {}
-  for split in SPLITS:
-    piper_share = PIPER_USER_SHARE if piper_voice is not None and split == 'train' else 0.0
-    planned[split] = _plan_split(split, counts[split], seed,
-                                 {kind: items[split] for kind, items in qa_items.items()},
-                                 voices[split], piper_share, assistant)
-
-  speeches = {s.path: s for split in SPLITS for _, split_speeches in planned[split]
+  speeches = {s.path: s for split in SPLITS for _, split_speeches in corpus.conversations[split]
               for s in split_speeches}
   made = _synthesise_missing(out_dir, list(speeches.values()), piper_voice)
   seconds = {path: sf.info(os.path.join(out_dir, path)).duration for path in speeches}
 
-  records = {split: [record for record, _ in planned[split]] for split in SPLITS}
-  text_facts = _text_facts(qa_items)
-  files = {'train': 'train.jsonl', 'validation': 'validation.jsonl', 'text_facts': 'text_facts.jsonl'}
+  records = {split: [record for record, _ in corpus.conversations[split]] for split in SPLITS}
   corpus_lines = []
-  for name, file_records in (*records.items(), ('text_facts', text_facts)):
-    path = os.path.join(out_dir, files[name])
-    manifest.write(path, file_records)
+  for name, file_records in (*records.items(), ('text_facts', corpus.text_facts)):
+    manifest.write(os.path.join(out_dir, f'{name}.jsonl'), file_records)
     for record in file_records:
       corpus_lines.append(record['system'])
       corpus_lines.extend(turn['text'] for turn in record['turns'])
   _write_text(os.path.join(out_dir, 'corpus.txt'), '\n'.join(corpus_lines) + '\n')
 
-  engines_used = sorted({s.engine for s in speeches.values()})
   summary = {
       'seed': seed,
       'splits': {split: _split_summary(records[split], seconds) for split in SPLITS},
-      'text_facts': {kind: {split: len(items[split]) for split in SPLITS}
-                     for kind, items in qa_items.items()},
-      'held_out_user_voices': [f'{ESPEAK}:{v}' for v in voices['validation']],
-      'assistant_voice': f'{assistant.engine}:{assistant.voice}',
-      'engines_used': engines_used,
+      'text_facts': dict(collections.Counter(
+          f'{r["meta"]["kind"]}_{r["meta"]["split"]}' for r in corpus.text_facts)),
+      'held_out_user_voices': [f'{ESPEAK}:{v}' for v in corpus.user_voices['validation']],
+      'assistant_voice': f'{corpus.assistant.engine}:{corpus.assistant.voice}',
+      'engines_used': sorted({s.engine for s in speeches.values()}),
       'espeak_ng_version': espeak_version,
       'piper_unavailable': piper_missing,
       'audio_files': len(speeches),
@@ -452,30 +460,34 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
   return summary
 
 
-_OUT = flags.DEFINE_string('out', None, 'Output folder (created; a rerun makes only missing wavs).')
-_NUM_TRAIN = flags.DEFINE_integer('num_train', 600, 'Train conversations.')
-_NUM_EVAL = flags.DEFINE_integer('num_eval', 120, 'Held-out validation conversations.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of every random choice.')
-_PIPER = flags.DEFINE_enum('piper', 'auto', ['auto', 'on', 'off'],
-                           'Piper neural voice: where it loads, required, or never.')
+def _define_flags() -> None:
+  """Command-line flags, defined only when this module is the program (it is also a library)."""
+  flags.DEFINE_string('out', None, 'Output folder (created; a rerun makes only missing wavs).',
+                      required=True)
+  flags.DEFINE_integer('num_train', 600, 'Train conversations.')
+  flags.DEFINE_integer('num_eval', 120, 'Held-out validation conversations.')
+  flags.DEFINE_integer('seed', 0, 'Seed of every random choice.')
+  flags.DEFINE_enum('piper', 'auto', ['auto', 'on', 'off'],
+                    'Piper neural voice: where it loads, required, or never.')
 
 
 def main(argv):
   del argv
-  summary = synthesise(_OUT.value, _NUM_TRAIN.value, _NUM_EVAL.value, _SEED.value, _PIPER.value)
+  FLAGS = flags.FLAGS
+  summary = synthesise(FLAGS.out, FLAGS.num_train, FLAGS.num_eval, FLAGS.seed, FLAGS.piper)
   for split in SPLITS:
     s = summary['splits'][split]
     print(f'{split}: {s["conversations"]} conversations {s["tasks"]}, '
           f'{len(s["user_voices"])} user voices, audio seconds {s["audio_seconds"]}')
-  piper_note = f' (piper unavailable: {summary["piper_unavailable"]})' \
-      if summary['piper_unavailable'] else ''
+  piper_note = (f' (piper unavailable: {summary["piper_unavailable"]})'
+                if summary['piper_unavailable'] else '')
   print(f'engines {summary["engines_used"]}{piper_note}; {summary["audio_files_made"]} of '
-        f'{summary["audio_files"]} wavs made in {summary["seconds_taken"]} s -> {_OUT.value}')
+        f'{summary["audio_files"]} wavs made in {summary["seconds_taken"]} s -> {FLAGS.out}')
 
 
 def run():
   """Console-script entry point."""
-  flags.mark_flag_as_required('out')
+  _define_flags()
   app.run(main)
 
 
