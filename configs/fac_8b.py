@@ -3,9 +3,13 @@
 from fac_jax import config as base
 
 
-def get_config(arg=None):
-  del arg
+def get_config(stage=None):
+  """`configs/fac_8b.py:<stage>`: prealign, stage1 (default) or stage2."""
   config = base.default_config()
+  config.train = base.train_config(stage or 'stage1')
   config.model.dtype = 'bfloat16'
   config.model.remat_policy = 'full'
+  # Released SFT settings (DESIGN.md section 2): 2048-position context, packing, bf16, remat.
+  config.data.update(seq_len=2048, batch_size=256)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config

@@ -15,6 +15,7 @@ import os
 import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -38,10 +39,12 @@ class Writer:
     if os.path.exists(self.final_dir):
       raise FileExistsError(f'{self.final_dir} exists; refusing to overwrite a checkpoint')
     self.dir = self.final_dir + '.incomplete'
-    shutil.rmtree(self.dir, ignore_errors=True)  # leftovers of an interrupted write
-    os.makedirs(os.path.join(self.dir, OFFICIAL))
-    with open(os.path.join(self.dir, 'config.json'), 'w') as f:
-      f.write(ml_collections.ConfigDict({'model': model_config}).to_json(indent=2))
+    if jax.process_index() == 0:  # every process writes its shards; one manages the folder
+      shutil.rmtree(self.dir, ignore_errors=True)  # leftovers of an interrupted write
+      os.makedirs(os.path.join(self.dir, OFFICIAL))
+      with open(os.path.join(self.dir, 'config.json'), 'w') as f:
+        f.write(ml_collections.ConfigDict({'model': model_config}).to_json(indent=2))
+    multihost_utils.sync_global_devices(f'checkpoint writer started: {self.dir}')
     self.batch_bytes = batch_bytes
     self._pending: dict = {}
     self._pending_bytes = 0
@@ -64,12 +67,16 @@ class Writer:
       release_freed_memory()
 
   def add_official_file(self, source: str) -> None:
-    shutil.copy(source, os.path.join(self.dir, OFFICIAL, os.path.basename(source)))
+    if jax.process_index() == 0:
+      shutil.copy(source, os.path.join(self.dir, OFFICIAL, os.path.basename(source)))
 
   def commit(self) -> str:
     self.flush()
     ocp.partial.finalize(os.path.join(self.dir, PARAMS))
-    os.rename(self.dir, self.final_dir)
+    multihost_utils.sync_global_devices(f'checkpoint written: {self.dir}')
+    if jax.process_index() == 0:
+      os.rename(self.dir, self.final_dir)
+    multihost_utils.sync_global_devices(f'checkpoint committed: {self.final_dir}')
     return self.final_dir
 
 

@@ -12,6 +12,32 @@ def decoder_config(**sizes) -> ml_collections.ConfigDict:
       rope_theta=sizes['rope_theta'], norm_eps=1e-6))
 
 
+# Training stages of DESIGN.md section 2: what each trains and its learning-rate range.
+STAGES = {
+    'prealign': dict(frozen=('^llm/',), learning_rate=1e-4, end_learning_rate=1e-5),
+    'stage1': dict(frozen=(), learning_rate=1e-4, end_learning_rate=1e-5),
+    'stage2': dict(frozen=(), learning_rate=1e-5, end_learning_rate=1e-6),
+}
+
+
+def train_config(stage: str = 'stage1') -> ml_collections.ConfigDict:
+  """Trainer settings of one stage (python -m fac_jax.train)."""
+  if stage not in STAGES:
+    raise ValueError(f'unknown training stage {stage!r}; expected one of {sorted(STAGES)}')
+  train = ml_collections.ConfigDict(dict(
+      stage=stage,
+      init_checkpoint='',  # fac_jax checkpoint whose parameters start the stage; '' = random
+      steps=1000, warmup_fraction=0.02, grad_accum_steps=1,
+      run_steps=0,  # stop (with a checkpoint) after this many steps of this invocation; 0: never
+      adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
+      frozen=(),  # regexes over parameter paths such as 'llm/decoder/layers/mlp/up_proj/kernel'
+      log_every=10, eval_every=200, eval_batches=16,
+      checkpoint_every=200, keep_checkpoints=3, best_metric='eval/loss', async_checkpointing=True,
+      max_skipped_in_row=5))  # non-finite steps in a row before training stops
+  train.update(STAGES[stage])
+  return train
+
+
 def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
@@ -49,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
       seq_len=4096,  # LLM positions (5 Hz) per row
       num_windows=64,  # mel windows per row (of encoder.window_frames frames)
       max_audio_seconds=30.0, worker_count=0, prefetch_buffer=4))
+
+  config.train = train_config()
 
   # Device mesh: -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

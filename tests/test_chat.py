@@ -63,7 +63,7 @@ def test_bad_audio_is_refused(setup, tmp_path):
   not_audio = tmp_path / 'notes.wav'
   not_audio.write_text('this is not audio')
   for path, message in [(empty, 'too short'), (not_audio, 'cannot read audio file'),
-                        (tmp_path / 'missing.wav', 'cannot read audio file')]:
+                        (tmp_path / 'missing.wav', 'does not exist')]:
     result = chat(f'--ckpt={ckpt}', f'--audio={path}', '--mode=s2t')
     assert result.returncode != 0
     assert message in result.stderr and str(path) in result.stderr

@@ -140,20 +140,21 @@ class PackedBatches(grain.IterDataset):
     return _PackedBatchIterator(self._parent.__iter__(), *self._args)
 
 
-def local_batch_size(global_batch_size: int) -> int:
-  count = jax.process_count()
-  if global_batch_size % count:
-    raise ValueError(f'data.batch_size={global_batch_size} does not split over {count} processes')
-  return global_batch_size // count
-
-
 def dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = None,
-            num_epochs: int | None = None, shuffle: bool = True) -> grain.IterDataset:
-  """Packed local batches of one prepared split (cfg.data.dir), for this process.
+            num_epochs: int | None = None, shuffle: bool = True,
+            process_index: int | None = None, process_count: int | None = None
+            ) -> grain.IterDataset:
+  """Packed local batches of one prepared split (cfg.data.dir) for one process (default: this
+  one, of jax.process_count()); the global batch is the processes' local batches in order.
 
   num_epochs None repeats forever (training); eval passes 1 and shuffle False.
   """
   data = cfg.data
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if data.batch_size % process_count:
+    raise ValueError(f'data.batch_size={data.batch_size} does not split over {process_count} '
+                     'processes')
   source = prepare.open_split(data.dir, split)
   if len(source) == 0:
     raise ValueError(f'split {split!r} of {data.dir} holds no conversations')
@@ -161,13 +162,13 @@ def dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = No
   if shuffle:
     records = records.shuffle(seed=cfg.seed if seed is None else seed)
   records = records.repeat(num_epochs)
-  records = records[jax.process_index()::jax.process_count()]
+  records = records[process_index::process_count]
   formatted = records.map(FormatRecord(os.path.join(data.dir, prepare.TOKENIZER_FOLDER),
                                        cfg.model))
   stream = formatted.to_iter_dataset()
   if data.worker_count > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
-  return PackedBatches(stream, local_batch_size(data.batch_size), data.seq_len, data.num_windows,
+  return PackedBatches(stream, data.batch_size // process_count, data.seq_len, data.num_windows,
                        cfg.model)
 
 

@@ -1,0 +1,42 @@
+"""Optimizer of a training stage: warm-up then cosine to a floor, AdamW, global-norm clipping, and
+freezing by parameter-path patterns (frozen leaves get no update and no optimizer moments)."""
+
+import re
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate` over `warmup_fraction` of the steps, then cosine
+  decay to `end_learning_rate` at `steps` (constant after that)."""
+  warmup_steps = max(1, round(train.warmup_fraction * train.steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup_steps,
+      decay_steps=max(train.steps, warmup_steps + 1), end_value=train.end_learning_rate)
+
+
+def path_name(path) -> str:
+  """'llm/decoder/layers/mlp/up_proj/kernel' for a pytree key path."""
+  return '/'.join(str(getattr(key, 'key', key)) for key in path)
+
+
+def trainable_mask(params: dict, frozen_patterns) -> dict:
+  """True for leaves to train: those whose path name matches none of `frozen_patterns`."""
+  compiled = [re.compile(p) for p in frozen_patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(p.search(path_name(path)) for p in compiled), params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict, params: dict) -> optax.GradientTransformation:
+  """The stage's optimizer for a parameter tree (concrete or abstract)."""
+  mask = trainable_mask(params, train.frozen)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f'train.frozen={list(train.frozen)} freezes every parameter')
+  adamw = optax.chain(
+      optax.clip_by_global_norm(train.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
+                  eps=train.adam_eps, weight_decay=train.weight_decay))
+  return optax.multi_transform({'train': adamw, 'frozen': optax.set_to_zero()},
+                               jax.tree.map(lambda t: 'train' if t else 'frozen', mask))
