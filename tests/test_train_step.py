@@ -106,3 +106,39 @@ def test_bfloat16_compute_tracks_float32(tiny_config):
   assert logits16['text_logits'].dtype == jnp.bfloat16
   for name in ('text_loss', 'speech_loss'):
     np.testing.assert_allclose(float(out16[name]), float(out32[name]), rtol=2e-2)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tiny_config):
+  """Rows with different numbers of targets: each slice is weighted by its share of targets."""
+  cfg = tiny_config.model
+  graphdef, params = split_params(cfg)
+  batch = synthetic.batch(np.random.default_rng(3), cfg, batch_size=4, seq_len=96, num_windows=16)
+  optimizer = optax.sgd(0.1)
+  results = {}
+  for slices in (1, 2, 4):
+    step = jax.jit(steps.make_train_step(graphdef, optimizer, grad_accum_steps=slices))
+    new_params, _, metrics = step(params, optimizer.init(params), batch)
+    results[slices] = jax.device_get((new_params, metrics))
+  for slices in (2, 4):
+    for name in ('loss', 'text_loss', 'speech_loss', 'text_accuracy', 'grad_norm'):
+      assert results[slices][1][name] == pytest.approx(results[1][1][name], rel=1e-5), name
+    diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results[slices][0],
+                         results[1][0])
+    assert max(jax.tree.leaves(diffs)) < 1e-6
+
+
+def test_a_non_finite_step_changes_nothing_and_is_counted(tiny_config):
+  cfg = tiny_config.model
+  graphdef, params = split_params(cfg)
+  batch = synthetic.batch(np.random.default_rng(0), cfg, batch_size=2, seq_len=96, num_windows=16)
+  optimizer = optax.adam(1e-3)
+  step = jax.jit(steps.make_train_step(graphdef, optimizer))
+  opt_state = optimizer.init(params)
+  _, _, metrics = step(params, opt_state, batch)
+  assert int(metrics['skipped']) == 0
+  poisoned = dict(batch, mel=np.full_like(batch['mel'], np.nan))
+  new_params, new_opt_state, metrics = step(params, opt_state, poisoned)
+  assert int(metrics['skipped']) == 1 and not np.isfinite(float(metrics['loss']))
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), (new_params, new_opt_state),
+                      (params, opt_state))
+  assert all(jax.tree.leaves(same))
