@@ -28,12 +28,9 @@ from flax import nnx
 from ml_collections import config_flags
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from fac_jax import checkpoint, optim, sharding, steps
+from fac_jax import checkpoint, evaluation, optim, sharding, steps
 from fac_jax.data import pipeline
 from fac_jax.model import fun_audio_chat
-
-EVAL_METRICS = ('loss', 'text_loss', 'speech_loss', 'text_accuracy', 'speech_accuracy')
-
 
 class TrainingError(RuntimeError):
   """Training cannot go on (the message says why)."""
@@ -179,22 +176,6 @@ class Trainer:
                                     'stage': self.train.stage})),
         metrics=metrics, force=force)
 
-  def evaluate(self, params, eval_step, shardings) -> dict:
-    """Held-out metrics, each weighted by its batch's valid targets."""
-    totals, weights = {}, {}
-    batches = pipeline.dataset(self.cfg, self.cfg.data.eval_split, num_epochs=1, shuffle=False)
-    for i, batch in enumerate(batches):
-      if i == self.train.eval_batches:
-        break
-      metrics = jax.device_get(eval_step(params, pipeline.to_global(batch, shardings)))
-      counts = {'text': float((batch['text_targets'] >= 0).sum()),
-                'speech': float((batch['speech_targets'] >= 0).sum())}
-      for name in EVAL_METRICS:
-        weight = 1.0 if name == 'loss' else counts[name.split('_')[0]]
-        totals[name] = totals.get(name, 0.0) + float(metrics[name]) * weight
-        weights[name] = weights.get(name, 0.0) + weight
-    return {name: totals[name] / max(weights[name], 1e-9) for name in totals}
-
   def run(self) -> TrainState:
     train = self.train
     latest = self.manager.latest_step()
@@ -208,8 +189,7 @@ class Trainer:
     train_step, _ = steps.jit_train_step(self.cfg.model, self.graphdef, self.optimizer, self.mesh,
                                          self.param_shardings, self.opt_shardings, first,
                                          train.grad_accum_steps)
-    eval_step = jax.jit(lambda params, batch: steps.loss_fn(self.graphdef, params, batch)[1],
-                        in_shardings=(self.param_shardings, shardings))
+    eval_step = evaluation.make_eval_step(self.graphdef, self.param_shardings, shardings)
     previous = signal.signal(signal.SIGTERM, self._request_stop)
     last_eval, start, start_step, batch = None, time.time(), state.step, first
     try:
@@ -228,8 +208,9 @@ class Trainer:
           log.add(state.step, 'train', metrics)
           self._progress(state, metrics, batch, start, start_step)
         if state.step % train.eval_every == 0 or state.step == train.steps:
-          last_eval = {f'eval/{k}': v for k, v in
-                       self.evaluate(state.params, eval_step, shardings).items()}
+          eval_metrics = evaluation.evaluate(self.cfg, state.params, eval_step, shardings,
+                                             self.cfg.data.eval_split, train.eval_batches)
+          last_eval = {f'eval/{k}': v for k, v in eval_metrics.items()}
           log.add(state.step, 'eval', {k[5:]: v for k, v in last_eval.items()})
           if is_main_process():
             print(f'  eval at step {state.step}: ' + '  '.join(
