@@ -115,11 +115,11 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_config):
   batch = synthetic.batch(np.random.default_rng(3), cfg, batch_size=4, seq_len=96, num_windows=16)
   optimizer = optax.sgd(0.1)
   results = {}
-  for slices in (1, 2, 4):
+  for slices in (1, 4):
     step = jax.jit(steps.make_train_step(graphdef, optimizer, grad_accum_steps=slices))
     new_params, _, metrics = step(params, optimizer.init(params), batch)
     results[slices] = jax.device_get((new_params, metrics))
-  for slices in (2, 4):
+  for slices in (4,):
     for name in ('loss', 'text_loss', 'speech_loss', 'text_accuracy', 'grad_norm'):
       assert results[slices][1][name] == pytest.approx(results[1][1][name], rel=1e-5), name
     diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results[slices][0],
