@@ -52,6 +52,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
                        devices=devices)
 
 
+def mesh_from_flag(spec: str) -> jax.sharding.Mesh:
+  """A mesh from a command-line spec such as 'data:1,fsdp:-1,tensor:1'."""
+  return make_mesh(ml_collections.ConfigDict(
+      {name: int(size) for name, size in (part.split(':') for part in spec.split(','))}))
+
+
 def mesh_in_scope() -> jax.sharding.Mesh:
   """The mesh set by `jax.set_mesh`, or a one-device mesh when none is."""
   mesh = jax.sharding.get_mesh()
