@@ -204,10 +204,7 @@ def main(argv):
   if argv[1] == 'import':
     if not FLAGS.hf_dir:
       raise app.UsageError('import needs --hf_dir')
-    mesh = None
-    if FLAGS.mesh:
-      mesh = sharding.make_mesh(ml_collections.ConfigDict(
-          {k: int(v) for k, v in (part.split(':') for part in FLAGS.mesh.split(','))}))
+    mesh = sharding.mesh_from_flag(FLAGS.mesh) if FLAGS.mesh else None
     path = import_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, mesh)
   else:
     if not FLAGS.ckpt:
