@@ -8,9 +8,10 @@ def get_config(stage=None):
   config = base.default_config()
   config.train = base.train_config(stage or 'stage1')
   # A model trained from scratch on a small corpus: rates 30x the 8B recipe's, same 10x decay.
-  config.train.update(learning_rate=config.train.learning_rate * 30,
-                      end_learning_rate=config.train.end_learning_rate * 30, steps=200,
-                      log_every=10, eval_every=50, eval_batches=4, checkpoint_every=50)
+  for train in (config.train, config.cocktail.stage2):
+    train.update(learning_rate=train.learning_rate * 30,
+                 end_learning_rate=train.end_learning_rate * 30, steps=200, log_every=10,
+                 eval_every=50, eval_batches=4, checkpoint_every=50)
   model = config.model
   model.llm.update(vocab_size=263, num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2,
                    head_dim=14, mlp_dim=83, rope_theta=5e6)

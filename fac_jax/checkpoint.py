@@ -80,6 +80,14 @@ class Writer:
     return self.final_dir
 
 
+def save_params(ckpt_dir: str, model_config: ml_collections.ConfigDict, params: dict) -> str:
+  """Writes a parameter tree (nested dicts of arrays) as a checkpoint; returns its path."""
+  writer = Writer(ckpt_dir, model_config)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    writer.add(tuple(k.key for k in path), leaf)
+  return writer.commit()
+
+
 def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
   path = os.path.join(ckpt_dir, 'config.json')
   if not os.path.exists(os.path.join(ckpt_dir, PARAMS)) or not os.path.exists(path):

@@ -56,7 +56,7 @@ def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, tuple]:
   return flat
 
 
-def _nest(flat: Mapping[Path, object]) -> dict:
+def nest(flat: Mapping[Path, object]) -> dict:
   tree: dict = {}
   for path, leaf in flat.items():
     node = tree
@@ -87,7 +87,7 @@ class CheckpointLeaves:
     abstract = {path: ocp.PLACEHOLDER for path in self.shapes}
     for path in paths:
       abstract[path] = jax.ShapeDtypeStruct(*self.shapes[path], sharding=shardings[path])
-    loaded = _flatten(ocp.load(os.path.join(self.name, checkpoint.PARAMS), _nest(abstract)))
+    loaded = _flatten(ocp.load(os.path.join(self.name, checkpoint.PARAMS), nest(abstract)))
     return {path: loaded[path] for path in paths}
 
 

@@ -239,10 +239,7 @@ class Trainer:
     final = os.path.join(self.workdir, 'final')
     if os.path.exists(final):
       return  # written by an earlier run that reached the same last step
-    writer = checkpoint.Writer(final, self.cfg.model)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-      writer.add(tuple(k.key for k in path), leaf)
-    writer.commit()
+    checkpoint.save_params(final, self.cfg.model, state.params)
 
   def _request_stop(self, signum, frame) -> None:
     del signum, frame

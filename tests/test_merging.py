@@ -176,10 +176,7 @@ def test_method_arguments_are_checked(method, count, args, match):
 
 
 def write_tree(path, tree, model_config):
-  writer = checkpoint.Writer(path, model_config)
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    writer.add(tuple(k.key for k in key_path), jnp.asarray(leaf))
-  return writer.commit()
+  return checkpoint.save_params(path, model_config, jax.tree.map(jnp.asarray, tree))
 
 
 @pytest.fixture(scope='module')
