@@ -17,6 +17,9 @@ STAGES = {
     'prealign': dict(frozen=('^llm/',), learning_rate=1e-4, end_learning_rate=1e-5),
     'stage1': dict(frozen=(), learning_rate=1e-4, end_learning_rate=1e-5),
     'stage2': dict(frozen=(), learning_rate=1e-5, end_learning_rate=1e-6),
+    # DPO moves a converged policy a little away from its reference: 20x below stage 2, the peak
+    # rate of the DPO runs of Zephyr-7B and Tulu-2; every parameter trains.
+    'dpo': dict(frozen=(), learning_rate=5e-7, end_learning_rate=5e-8),
 }
 
 
@@ -77,6 +80,28 @@ def default_config() -> ml_collections.ConfigDict:
       max_audio_seconds=30.0, worker_count=0, prefetch_buffer=4))
 
   config.train = train_config()
+
+  # Multi-task DPO (DESIGN.md section 2, step 5; fac_jax.dpo documents every definition). The
+  # report gives no beta: 0.1 is the DPO paper's default. An answer's reward in a channel is
+  # beta * (policy - reference) log-probability of its targets there; each channel has its own
+  # sigmoid loss, so the speech channel (5 codes per text position) cannot drown the text one.
+  config.dpo = ml_collections.ConfigDict(dict(
+      beta=0.1,
+      label_smoothing=0.0,  # epsilon of conservative DPO: the share of pairs assumed flipped
+      text_weight=1.0, speech_weight=1.0,  # per-pair loss: weighted mean of the channel losses
+      sft_weight=0.0,  # adds this x the chosen answers' cross-entropy (text + speech)
+      # Task names of the preference manifests, in task-id order, and their weight in the mean
+      # over pairs. correct_answer is the demo corpus's task (fac_jax.data.synth).
+      tasks=('robustness', 'instruction_following', 'audio_understanding', 'voice_empathy',
+             'correct_answer'),
+      task_weights=(1.0, 1.0, 1.0, 1.0, 1.0),
+      reference_checkpoint=''))  # frozen reference model; '' = train.init_checkpoint
+
+  # Core-Cocktail (python -m fac_jax.cocktail): stage 1 (config.train) -> merge with the base
+  # M_0 -> stage 2. Only paths matching `include` have a base counterpart; the rest is M_1's.
+  config.cocktail = ml_collections.ConfigDict(dict(
+      base_checkpoint='', method='linear', alpha=0.5, include='^llm/', exclude='',
+      stage2=train_config('stage2')))
 
   # Device mesh: -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
