@@ -2,13 +2,14 @@
 and measure for each merged model what the base knew and what the fine-tune learned.
 
   python -m fac_jax.merge_study --config=configs/tiny.py --base=M0 --finetuned=M1 --workdir=DIR
-      --knowledge_data=DIR_TEXT --task_data=DIR_SPEECH [--alphas=0,0.25,0.5,0.75,1]
-      [--methods=linear,slerp] [--include=^llm/] [--split=validation] [--eval_batches=8]
+      --knowledge_data=DIR[@SPLIT] --task_data=DIR[@SPLIT] [--alphas=0,0.25,0.5,0.75,1]
+      [--methods=linear,slerp] [--include=^llm/] [--eval_batches=8]
 
 `alpha` is the fine-tune's weight: linear and slerp interpolate (alpha = 0 is the base's merged
 leaves, 1 the fine-tune); task arithmetic, TIES and DARE scale the task vector by it. Knowledge
 is the text loss and accuracy on a held-out text set (e.g. the prepared text_facts); the task is
-the speech data's text and speech losses and accuracies. Writes DIR/merge_study.csv, .md and
+the speech data's text and speech losses and accuracies (a data spec is a prepared folder and a
+split, `validation` by default). Writes DIR/merge_study.csv, .md and
 .png; each result is cached in DIR/results.json as it is measured, so a rerun resumes.
 """
 
@@ -35,23 +36,26 @@ METHOD_DEFAULTS = {'ties': {'density': 0.2}, 'dare': {'drop_rate': 0.5}}
 class Evaluator:
   """Evaluates parameter trees on prepared datasets with jitted steps built once per dataset."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, split: str,
-               max_batches: int):
-    self.cfg, self.mesh, self.split, self.max_batches = cfg, mesh, split, max_batches
+  def __init__(self, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, max_batches: int):
+    self.cfg, self.mesh, self.max_batches = cfg, mesh, max_batches
     self.graphdef, abstract_state = nnx.split(fun_audio_chat.abstract_model(cfg.model))
     self.param_shardings = sharding.param_shardings(abstract_state, mesh)
     self._steps = {}
 
-  def __call__(self, params, data_dir: str) -> dict:
+  def __call__(self, params, data: str) -> dict:
+    """Metrics on `data`: 'DIR' (its validation split) or 'DIR@SPLIT'."""
+    data_dir, _, split = data.partition('@')
     cfg = self.cfg.copy_and_resolve_references()
     cfg.data.dir = data_dir
-    if data_dir not in self._steps:
-      first = next(iter(pipeline.dataset(cfg, self.split, num_epochs=1, shuffle=False)))
+    if data not in self._steps:
+      first = next(iter(pipeline.dataset(cfg, split or 'validation', num_epochs=1,
+                                         shuffle=False)))
       shardings = pipeline.global_batch_shardings(first, self.mesh)
-      self._steps[data_dir] = (evaluation.make_eval_step(self.graphdef, self.param_shardings,
-                                                         shardings), shardings)
-    eval_step, shardings = self._steps[data_dir]
-    return evaluation.evaluate(cfg, params, eval_step, shardings, self.split, self.max_batches)
+      self._steps[data] = (evaluation.make_eval_step(self.graphdef, self.param_shardings,
+                                                     shardings), shardings)
+    eval_step, shardings = self._steps[data]
+    return evaluation.evaluate(cfg, params, eval_step, shardings, split or 'validation',
+                               self.max_batches)
 
 
 def base_leaves(base: str, model: ml_collections.ConfigDict, include: str | None,
@@ -66,7 +70,7 @@ def base_leaves(base: str, model: ml_collections.ConfigDict, include: str | None
 
 def sweep(cfg, base: str, finetuned: str, workdir: str, knowledge_data: str, task_data: str,
           alphas, methods, include: str | None = None, exclude: str | None = None,
-          split: str = 'validation', eval_batches: int = 8) -> list[dict]:
+          eval_batches: int = 8) -> list[dict]:
   """Measures every (method, alpha), reusing cached results; returns the rows in sweep order."""
   os.makedirs(workdir, exist_ok=True)
   cache_path = os.path.join(workdir, 'results.json')
@@ -75,7 +79,7 @@ def sweep(cfg, base: str, finetuned: str, workdir: str, knowledge_data: str, tas
     with open(cache_path) as f:
       cache = json.load(f)
   mesh = sharding.make_mesh(cfg.mesh)
-  evaluate = Evaluator(cfg, mesh, split, eval_batches)
+  evaluate = Evaluator(cfg, mesh, eval_batches)
   reader = checkpoint.Reader(finetuned, mesh)
   finetuned_params, base_params = None, None
   rows = []
@@ -151,14 +155,14 @@ def _define_flags() -> None:
                       required=True)
   flags.DEFINE_string('finetuned', None, 'Fine-tuned checkpoint M_1.', required=True)
   flags.DEFINE_string('workdir', None, 'Results, tables and plot.', required=True)
-  flags.DEFINE_string('knowledge_data', None, 'Prepared held-out text set.', required=True)
-  flags.DEFINE_string('task_data', None, 'Prepared speech task set.', required=True)
+  flags.DEFINE_string('knowledge_data', None, 'Held-out text set: prepared DIR[@SPLIT].',
+                      required=True)
+  flags.DEFINE_string('task_data', None, 'Speech task set: prepared DIR[@SPLIT].', required=True)
   flags.DEFINE_list('alphas', ['0', '0.1', '0.2', '0.3', '0.4', '0.5', '0.6', '0.7', '0.8', '0.9',
                                '1'], 'Fine-tune weights to sweep.')
   flags.DEFINE_list('methods', ['linear'], f'Merge methods: {sorted(SWEPT_ARG)}.')
   flags.DEFINE_string('include', '^llm/', 'Regex of merged paths (the rest from the fine-tune).')
   flags.DEFINE_string('exclude', None, 'Regex of paths never merged.')
-  flags.DEFINE_string('split', 'validation', 'Split of both datasets to evaluate.')
   flags.DEFINE_integer('eval_batches', 8, 'Batches per evaluation.')
 
 
@@ -167,7 +171,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   rows = sweep(FLAGS.config, FLAGS.base, FLAGS.finetuned, FLAGS.workdir, FLAGS.knowledge_data,
                FLAGS.task_data, [float(a) for a in FLAGS.alphas], FLAGS.methods,
-               FLAGS.include or None, FLAGS.exclude or None, FLAGS.split, FLAGS.eval_batches)
+               FLAGS.include or None, FLAGS.exclude or None, FLAGS.eval_batches)
   if jax.process_index() == 0:
     write_reports(rows, FLAGS.workdir)
     print(f'wrote {FLAGS.workdir}/merge_study.csv, .md and .png')

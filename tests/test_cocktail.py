@@ -66,12 +66,12 @@ def test_merge_study_sweeps_caches_and_reports(setup, tmp_path, monkeypatch):
   cfg, base, workdir, _ = setup
   finetuned = os.path.join(workdir, 'stage1', 'final')
   args = (cfg, base, finetuned, str(tmp_path), cfg.data.dir, cfg.data.dir, [0.0, 0.5, 1.0],
-          ['linear', 'slerp'], '^llm/', None, 'validation', 2)
+          ['linear', 'slerp'], '^llm/', None, 2)
   rows = merge_study.sweep(*args)
   assert [(r['method'], r['alpha']) for r in rows] == [
       (m, a) for m in ('linear', 'slerp') for a in (0.0, 0.5, 1.0)]
-  evaluate = merge_study.Evaluator(cfg, sharding.make_mesh(cfg.mesh), 'validation', 2)
-  alone = evaluate(checkpoint.Reader(finetuned).load(), cfg.data.dir)
+  evaluate = merge_study.Evaluator(cfg, sharding.make_mesh(cfg.mesh), 2)
+  alone = evaluate(checkpoint.Reader(finetuned).load(), cfg.data.dir + '@validation')
   for row in rows:
     if row['alpha'] == 1.0:  # the fine-tune itself
       assert row['task_speech_loss'] == pytest.approx(alone['speech_loss'], rel=1e-6)
