@@ -1,4 +1,4 @@
-"""The trainer: one command for every stage (prealign, stage1, stage2) on any device mesh, with
+"""The trainer: one command for every stage (prealign, stage1, stage2, dpo) on any device mesh, with
 orbax checkpoints, exact resumption, evaluation and logs; the same command on every host.
 
   python -m fac_jax.train --config=configs/tiny.py:prealign --workdir=DIR [--config.data.dir=...]
@@ -28,7 +28,7 @@ from flax import nnx
 from ml_collections import config_flags
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from fac_jax import checkpoint, evaluation, optim, sharding, steps
+from fac_jax import checkpoint, dpo, evaluation, optim, sharding, steps
 from fac_jax.data import pipeline
 from fac_jax.model import fun_audio_chat
 
@@ -128,7 +128,9 @@ class Trainer:
     self.param_shardings = sharding.param_shardings(abstract_state, self.mesh)
     self.opt_shardings = steps.optimizer_shardings(
         jax.eval_shape(self.optimizer.init, abstract_params), self.param_shardings, self.mesh)
-    self.train_data = iter(pipeline.dataset(cfg, cfg.data.train_split))
+    self.is_dpo = self.train.stage == 'dpo'
+    dataset = pipeline.dpo_dataset if self.is_dpo else pipeline.dataset
+    self.train_data = iter(dataset(cfg, cfg.data.train_split))
     self.manager = checkpoint_manager(workdir, self.train)
     self.stop_requested = False
 
@@ -185,17 +187,12 @@ class Trainer:
       print(f'resumed from step {latest} in {self.workdir}', flush=True)
 
     first = next(self.train_data)
-    shardings = pipeline.global_batch_shardings(first, self.mesh)
-    train_step, _ = steps.jit_train_step(self.cfg.model, self.graphdef, self.optimizer, self.mesh,
-                                         self.param_shardings, self.opt_shardings, first,
-                                         train.grad_accum_steps)
-    eval_step = evaluation.make_eval_step(self.graphdef, self.param_shardings, shardings)
+    train_step, evaluate = self._steps(first)
     previous = signal.signal(signal.SIGTERM, self._request_stop)
     last_eval, start, start_step, batch = None, time.time(), state.step, first
     try:
       while state.step < train.steps:
-        state.params, state.opt_state, metrics = train_step(
-            state.params, state.opt_state, pipeline.to_global(batch, shardings))
+        state.params, state.opt_state, metrics = train_step(state.params, state.opt_state, batch)
         state.step += 1
         metrics = jax.device_get(metrics)
         state.skipped_in_row = state.skipped_in_row + 1 if metrics['skipped'] else 0
@@ -208,9 +205,7 @@ class Trainer:
           log.add(state.step, 'train', metrics)
           self._progress(state, metrics, batch, start, start_step)
         if state.step % train.eval_every == 0 or state.step == train.steps:
-          eval_metrics = evaluation.evaluate(self.cfg, state.params, eval_step, shardings,
-                                             self.cfg.data.eval_split, train.eval_batches)
-          last_eval = {f'eval/{k}': v for k, v in eval_metrics.items()}
+          last_eval = {f'eval/{k}': v for k, v in evaluate(state.params).items()}
           log.add(state.step, 'eval', {k[5:]: v for k, v in last_eval.items()})
           if is_main_process():
             print(f'  eval at step {state.step}: ' + '  '.join(
@@ -235,6 +230,38 @@ class Trainer:
       self.manager.close()
     return state
 
+  def _steps(self, first: dict):
+    """(train_step(params, opt_state, local batch), evaluate(params)) of this stage: the SFT
+    objective, or DPO against the frozen reference model."""
+    cfg, train = self.cfg, self.train
+    if self.is_dpo:
+      dpo_step, eval_step, shardings = dpo.jit_dpo_steps(
+          cfg, self.graphdef, self.optimizer, self.mesh, self.param_shardings,
+          self.opt_shardings, first)
+      reference = self._reference_params()
+      return (lambda params, opt_state, batch: dpo_step(
+                  params, opt_state, reference, pipeline.dpo_to_global(batch, shardings)),
+              lambda params: dpo.evaluate(cfg, params, reference, eval_step, shardings,
+                                          cfg.data.eval_split, train.eval_batches))
+    shardings = pipeline.global_batch_shardings(first, self.mesh)
+    sft_step, _ = steps.jit_train_step(cfg.model, self.graphdef, self.optimizer, self.mesh,
+                                       self.param_shardings, self.opt_shardings, first,
+                                       train.grad_accum_steps)
+    eval_step = evaluation.make_eval_step(self.graphdef, self.param_shardings, shardings)
+    return (lambda params, opt_state, batch: sft_step(params, opt_state,
+                                                      pipeline.to_global(batch, shardings)),
+            lambda params: evaluation.evaluate(cfg, params, eval_step, shardings,
+                                               cfg.data.eval_split, train.eval_batches))
+
+  def _reference_params(self) -> dict:
+    """DPO's frozen reference: dpo.reference_checkpoint, else the stage's init_checkpoint (its
+    own buffers: the policy's are donated at every step)."""
+    path = self.cfg.dpo.reference_checkpoint or self.train.init_checkpoint
+    if not path:
+      raise TrainingError('the dpo stage needs a reference model: set dpo.reference_checkpoint '
+                          'or train.init_checkpoint')
+    return checkpoint.Reader(path, self.mesh).load(self.cfg.model.param_dtype)
+
   def export_final(self, state: TrainState) -> None:
     final = os.path.join(self.workdir, 'final')
     if os.path.exists(final):
@@ -252,11 +279,14 @@ class Trainer:
       return
     done = state.step - start_step
     per_step = (time.time() - start) / max(done, 1)
-    positions = float((batch['segment_ids'] > 0).sum()) * jax.process_count()
+    rows = [batch['chosen'], batch['rejected']] if self.is_dpo else [batch]
+    positions = sum(float((b['segment_ids'] > 0).sum()) for b in rows) * jax.process_count()
     eta = per_step * (self.train.steps - state.step)
-    print(f'step {state.step}/{self.train.steps}  loss {metrics["loss"]:.4f} (text '
-          f'{metrics["text_loss"]:.4f}, speech {metrics["speech_loss"]:.4f})  grad_norm '
-          f'{metrics["grad_norm"]:.3f}  {positions / per_step:,.0f} positions/s  '
+    details = (f'accuracy {metrics["accuracy"]:.3f}, margin {metrics["margin"]:.4f}'
+               if self.is_dpo else
+               f'text {metrics["text_loss"]:.4f}, speech {metrics["speech_loss"]:.4f}')
+    print(f'step {state.step}/{self.train.steps}  loss {metrics["loss"]:.4f} ({details})  '
+          f'grad_norm {metrics["grad_norm"]:.3f}  {positions / per_step:,.0f} positions/s  '
           f'{per_step:.2f} s/step  ETA {eta:,.0f} s'
           + (f'  skipped {state.skipped_in_row} in a row' if state.skipped_in_row else ''),
           flush=True)

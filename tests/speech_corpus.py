@@ -1,5 +1,6 @@
 """Writes a small spoken-conversation corpus (tone speech, manifests) for the data tests, with
-one line for every kind of bad input the preparation must report and skip."""
+one line for every kind of bad input the preparation must report and skip; and a preference-pair
+manifest of the same kind for the DPO tests."""
 
 import json
 import os
@@ -73,3 +74,56 @@ def write(root: str, num_train: int = 12, num_validation: int = 4, bad_lines: bo
     with open(paths[split], 'w') as f:
       f.write('\n'.join(split_lines) + '\n')
   return paths
+
+
+# Bad preference lines appended to the pairs manifest: (field the error must name, manifest line).
+BAD_PAIR_LINES = [
+    ('rejected', {'turns': [{'role': 'user', 'text': 'Say one'}], 'chosen': {'text': 'One.'}}),
+    ('chosen', {'turns': [{'role': 'user', 'text': 'Say one'}], 'chosen': {'audio': 'a.wav'},
+                'rejected': {'text': 'Two.'}}),
+    ('turns', {'turns': [{'role': 'user', 'text': 'Hi'}, {'role': 'assistant', 'text': 'Hi.'}],
+               'chosen': {'text': 'One.'}, 'rejected': {'text': 'Two.'}}),
+    ('turns[0]', {'turns': [{'role': 'robot', 'text': 'beep'}], 'chosen': {'text': 'One.'},
+                  'rejected': {'text': 'Two.'}}),
+    ('score', {'turns': [{'role': 'user', 'text': 'Hi'}], 'chosen': {'text': 'One.'},
+               'rejected': {'text': 'Two.'}, 'score': 3}),
+]
+
+
+def write_preferences(root: str, tasks: tuple[str, ...], num_pairs: int = 8,
+                      bad_lines: bool = True, seed: int = 1) -> str:
+  """A preference manifest under `root` (tone speech), returning its path. Pairs cycle through
+  `tasks` and through four shapes: spoken question with spoken answers, a text question with text
+  answers, a two-turn prompt (an earlier assistant turn) with spoken answers, and a spoken question
+  with one spoken and one text answer. The last pair has 8 s of user audio."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(root, 'audio'), exist_ok=True)
+
+  def wav(name: str, seconds: float) -> str:
+    soundfile.write(os.path.join(root, 'audio', name), synthetic.tone_speech(rng, seconds), 16000)
+    return f'audio/{name}'
+
+  lines = []
+  for i in range(num_pairs):
+    good, bad = ANSWERS[i % len(ANSWERS)], ANSWERS[(i + 1) % len(ANSWERS)]
+    question = wav(f'pq{i}.wav', 8.0 if i == num_pairs - 1 else rng.uniform(0.8, 2.0))
+    shape = i % 4
+    pair = {'id': f'p{i}', 'task': tasks[i % len(tasks)], 'system': 'Answer briefly.',
+            'turns': [{'role': 'user', 'audio': question}],
+            'chosen': {'text': good, 'audio': wav(f'pc{i}.wav', rng.uniform(0.8, 1.4))},
+            'rejected': {'text': bad, 'audio': wav(f'pr{i}.wav', rng.uniform(0.8, 1.4))}}
+    if shape == 1:
+      pair['turns'] = [{'role': 'user', 'text': 'Say a number'}]
+      pair['chosen'], pair['rejected'] = {'text': good}, {'text': bad}
+    elif shape == 2:
+      pair['turns'] = [{'role': 'user', 'text': 'Hello'}, {'role': 'assistant', 'text': 'Hi.'},
+                       {'role': 'user', 'audio': question}]
+    elif shape == 3:
+      pair['rejected'] = {'text': bad}
+    lines.append(json.dumps(pair))
+  if bad_lines:
+    lines += [json.dumps(line) for _, line in BAD_PAIR_LINES]
+  path = os.path.join(root, 'prefs.jsonl')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return path

@@ -185,3 +185,28 @@ def test_non_finite_steps_are_skipped_then_training_stops(data_dir, tmp_path, ti
   trainer = train.Trainer(tiny_config, str(tmp_path))
   with pytest.raises(train.TrainingError, match='3 steps in a row had a non-finite loss'):
     trainer.run()
+
+
+def test_dpo_stage_trains_against_its_frozen_reference(uninterrupted, data_dir, tmp_path,
+                                                       tiny_config):
+  root = str(tmp_path / 'prefs')
+  prefs = speech_corpus.write_preferences(root, tuple(tiny_config.dpo.tasks), num_pairs=8,
+                                          bad_lines=False)
+  prepared = os.path.join(root, 'prepared')
+  prepare.prepare(prepared, {'prefs': prefs}, tiny_config.model,
+                  tokenizer_folder=os.path.join(data_dir, prepare.TOKENIZER_FOLDER),
+                  speech_tokenizer_file=os.path.join(data_dir, prepare.SPEECH_TOKENIZER_FILE))
+  reference = os.path.join(uninterrupted[0], 'final')
+  workdir = str(tmp_path / 'dpo')
+  result = run_training(workdir, prepared, '--config.data.train_split=prefs',
+                        '--config.data.eval_split=prefs', '--config.data.seq_len=160',
+                        f'--config.train.init_checkpoint={reference}',
+                        '--config.train.steps=4', '--config.train.eval_every=4',
+                        '--config.train.learning_rate=1e-3', stage='dpo')
+  assert 'step 4/4' in result.stdout and 'accuracy' in result.stdout
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    entries = list(map(json.loads, f))
+  first_eval = [e for e in entries if 'eval/dpo_loss' in e][-1]
+  assert 0 < first_eval['eval/dpo_loss'] < np.log(2)  # trained away from the reference
+  assert first_eval['eval/accuracy'] > 0.5
+  assert max_relative_difference(final_params(workdir), final_params(uninterrupted[0])) > 0

@@ -12,6 +12,10 @@ and reason). Features are extracted in chunks of manifest lines cached under `DI
 rerun after an interruption resumes; the tfds writer commits each dataset version atomically.
 With --beam the same builder runs on Apache Beam (local DirectRunner unless --beam_options say
 otherwise), for corpora that outgrow one machine.
+
+A manifest may also hold preference pairs (fac_jax.data.preference; e.g. --manifest=prefs_train=
+prefs_train.jsonl): each pair is one record whose conversation JSON has the prompt's `turns` and
+`chosen` and `rejected` entries, the chosen answer's codes, then the rejected one's, in `codes`.
 """
 
 import dataclasses
@@ -30,7 +34,7 @@ import tqdm
 from ml_collections import config_flags
 
 from fac_jax import tokenizer as text_tokenizer
-from fac_jax.data import audio, conversation, manifest, speech_tokenizer
+from fac_jax.data import audio, conversation, manifest, preference, speech_tokenizer
 
 DATASET_NAME = 'conversation_dataset'
 SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
@@ -65,34 +69,49 @@ class Extractor:
     codebook = hashlib.sha1(np.ascontiguousarray(self.speech_tokenizer.centroids)).hexdigest()
     return f'mel{self.num_mel_bins}-max{self.max_audio_seconds}-codes{codebook}-{MEL_DTYPE.__name__}'
 
-  def conversation(self, conv: manifest.Conversation) -> dict:
-    """One parsed conversation -> record (raises audio.AudioError for unusable audio)."""
-    mels, codes, turns = [], [], []
-    mel_frames = code_count = 0
-    for turn in conv.turns:
-      entry = {'role': turn.role, 'text': turn.text}
-      if turn.audio is not None:
-        waveform = audio.load(turn.audio, max_seconds=self.max_audio_seconds)
-        entry['seconds'] = len(waveform) / audio.SAMPLE_RATE
-        if turn.role == 'user':
-          mel = audio.log_mel(waveform, self.num_mel_bins)
-          entry['mel'] = [mel_frames, mel_frames + len(mel)]
-          mels.append(mel.astype(MEL_DTYPE))
-          mel_frames += len(mel)
-        else:
-          turn_codes = self.speech_tokenizer.encode(waveform).astype(np.int32)
-          entry['codes'] = [code_count, code_count + len(turn_codes)]
-          codes.append(turn_codes)
-          code_count += len(turn_codes)
-      turns.append(entry)
-    text = json.dumps({'id': conv.id, 'task': conv.task, 'system': conv.system, 'turns': turns,
-                       'meta': conv.meta, 'source': conv.source}, ensure_ascii=False)
+  def _entry(self, turn: manifest.Turn, mels: list, codes: list) -> dict:
+    """A turn's record entry; its user log-mel or assistant codes are appended to `mels` or
+    `codes`, and the entry holds their [start, stop) span in the record's concatenation."""
+    entry = {'role': turn.role, 'text': turn.text}
+    if turn.audio is not None:
+      waveform = audio.load(turn.audio, max_seconds=self.max_audio_seconds)
+      entry['seconds'] = len(waveform) / audio.SAMPLE_RATE
+      if turn.role == 'user':
+        mel = audio.log_mel(waveform, self.num_mel_bins).astype(MEL_DTYPE)
+        start = sum(map(len, mels))
+        entry['mel'] = [start, start + len(mel)]
+        mels.append(mel)
+      else:
+        turn_codes = self.speech_tokenizer.encode(waveform).astype(np.int32)
+        start = sum(map(len, codes))
+        entry['codes'] = [start, start + len(turn_codes)]
+        codes.append(turn_codes)
+    return entry
+
+  def _record(self, header: dict, mels: list, codes: list) -> dict:
     return {
-        'conversation': text,
+        'conversation': json.dumps(header, ensure_ascii=False),
         'mel': (np.concatenate(mels) if mels
                 else np.zeros((0, self.num_mel_bins), MEL_DTYPE)),
         'codes': np.concatenate(codes) if codes else np.zeros((0,), np.int32),
     }
+
+  def conversation(self, conv: manifest.Conversation) -> dict:
+    """One parsed conversation -> record (raises audio.AudioError for unusable audio)."""
+    mels, codes = [], []
+    turns = [self._entry(turn, mels, codes) for turn in conv.turns]
+    return self._record({'id': conv.id, 'task': conv.task, 'system': conv.system, 'turns': turns,
+                         'meta': conv.meta, 'source': conv.source}, mels, codes)
+
+  def pair(self, pair: preference.PreferencePair) -> dict:
+    """One preference pair -> one record: the prompt's turns, then `chosen` and `rejected`
+    entries whose code spans follow the prompt's in `codes`."""
+    mels, codes = [], []
+    turns = [self._entry(turn, mels, codes) for turn in pair.prompt]
+    chosen, rejected = (self._entry(answer, mels, codes) for answer in (pair.chosen, pair.rejected))
+    return self._record({'id': pair.id, 'task': pair.task, 'system': pair.system, 'turns': turns,
+                         'chosen': chosen, 'rejected': rejected, 'meta': pair.meta,
+                         'source': pair.source}, mels, codes)
 
   def chunk(self, chunk: Chunk) -> tuple[list[tuple[str, dict]], list[dict]]:
     """(key, record) for every usable line of the chunk, and a skip entry for every other."""
@@ -102,8 +121,10 @@ class Extractor:
       if not line.strip():
         continue
       try:
-        conv = manifest.parse_line(line, chunk.path, number)
-        records.append((f'{chunk.split}:{number}', self.conversation(conv)))
+        item = preference.parse_any(line, chunk.path, number)
+        record = (self.pair(item) if isinstance(item, preference.PreferencePair)
+                  else self.conversation(item))
+        records.append((f'{chunk.split}:{number}', record))
       except manifest.ManifestError as e:
         skipped.append({'where': f'{chunk.path}:{number}', 'reason': 'malformed_line',
                         'message': str(e)})
@@ -228,7 +249,7 @@ def parse_manifest_flag(value: str) -> dict[str, str]:
 def _manifest_audio(path: str, limit: int):
   """Up to `limit` waveforms of the manifest's assistant and user audio, skipping bad files."""
   found = 0
-  for _, conv in manifest.read(path):
+  for _, conv in preference.read(path):
     if isinstance(conv, manifest.ManifestError):
       continue
     for turn in conv.turns:
@@ -243,8 +264,8 @@ def _manifest_audio(path: str, limit: int):
 def _manifest_texts(paths):
   yield from conversation.CHAT_TEMPLATE_TEXTS
   for path in paths:
-    for _, conv in manifest.read(path):
-      if isinstance(conv, manifest.Conversation):
+    for _, conv in preference.read(path):
+      if not isinstance(conv, manifest.ManifestError):
         yield from [conv.system or ''] + [turn.text or '' for turn in conv.turns]
 
 

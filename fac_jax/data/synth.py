@@ -2,7 +2,7 @@
 piper neural voice where installed), written as conversation manifests (fac_jax.data.manifest).
 
   python -m fac_jax.data.synth --out=DIR [--num_train=600] [--num_eval=120] [--seed=0] \
-      [--piper=auto|on|off]
+      [--piper=auto|on|off] [--num_pref_train=200] [--num_pref_eval=60]
 
 writes
   DIR/audio/*.wav          16 kHz mono PCM_16, named by a hash of engine, voice, rate and text, so
@@ -11,7 +11,11 @@ writes
   DIR/validation.jsonl     the same, held out: user voices, facts and arithmetic never in train
   DIR/text_facts.jsonl     every fact and arithmetic item of both splits as a text-only question and
                            answer (task text_qa), to teach a text LLM what the speech split asks
-  DIR/corpus.txt           every text string of the three manifests, one a line, for the tokenizer
+  DIR/prefs_train.jsonl    preference pairs (fac_jax.data.preference, task correct_answer): a spoken
+                           question in noise, the right answer chosen, a plausible wrong one
+                           rejected, both spoken by the assistant
+  DIR/prefs_validation.jsonl  the same with the validation split's voices and items
+  DIR/corpus.txt           every text string of the manifests, one a line, for the tokenizer
   DIR/summary.json         counts per split, task and voice, seconds of audio, engines used
 
 Sentences, questions and answers are lower case without punctuation (as transcripts often are),
@@ -21,6 +25,11 @@ from piper's joe voice for a share of turns. The assistant speaks with one voice
 fixed espeak-ng voice without piper. Conversation meta: voice, engine, speed (espeak-ng words a
 minute, or piper's rate factor) and pitch of the user's speech; assistant_voice and
 assistant_engine of a spoken answer; kind (arithmetic or fact) and answer for spoken_qa.
+
+Preference pairs ask spoken_qa's questions (same held-out voices and items) with white or babble
+noise (four tone-speech talkers) mixed in at 5 to 15 dB SNR. The wrong answer is the right number
+off by one, or else the answer of the fact whose question shares the most leading words (another
+colour, another capital). Pair meta adds noise, snr_db and wrong_answer.
 """
 
 import collections
@@ -40,7 +49,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from fac_jax.data import audio, manifest
+from fac_jax.data import audio, manifest, synthetic
 
 SYSTEM_PROMPTS = {
     'transcription': 'Transcribe the speech.',
@@ -72,6 +81,11 @@ PIPER_ASSISTANT_RATE = 0.85
 # four steps for short rare words, which that BPE splits into as many tokens as letters.
 ASSISTANT_SECONDS_PER_CHAR = 0.08
 ASSISTANT_EXTRA_SECONDS = 0.8
+PREFERENCE_TASK = 'correct_answer'
+PREFERENCE_MANIFESTS = {'train': 'prefs_train', 'validation': 'prefs_validation'}
+NOISE_KINDS = ('white', 'babble')
+NOISE_SNR_DB = (5.0, 15.0)
+BABBLE_TALKERS = 4
 
 FACTS = (
     ('what colour is the sky', 'blue'),
@@ -155,6 +169,9 @@ def number_words(n: int) -> str:
   return TENS_WORDS[tens] + (f' {NUMBER_WORDS[ones]}' if ones else '')
 
 
+NUMBER_VALUES = {number_words(n): n for n in range(100)}
+
+
 def arithmetic_items() -> list[tuple[str, str]]:
   """(question, answer) for every a op b with one-digit operands and a result of at least zero."""
   return [(f'what is {number_words(a)} {op} {number_words(b)}', number_words(fn(a, b)))
@@ -178,11 +195,16 @@ class Speech:
   pitch: int | None  # espeak-ng only, 0-99
   text: str  # as spoken: the transcript with a full stop or question mark for the intonation
   min_seconds: float = 0.0  # padded with trailing silence to this length
+  noise: str | None = None  # one of NOISE_KINDS, mixed in at snr_db
+  snr_db: float | None = None
 
   @property
   def path(self) -> str:
     """Relative to the output folder."""
-    key = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    fields = dataclasses.asdict(self)
+    if self.noise is None:  # clean speech keeps the names it had before noise, so corpora resume
+      del fields['noise'], fields['snr_db']
+    key = json.dumps(fields, sort_keys=True).encode()
     return f'audio/{self.engine}-{hashlib.sha1(key).hexdigest()[:16]}.wav'
 
 
@@ -193,6 +215,7 @@ class Plan:
   text_facts: list[dict]
   user_voices: dict[str, list[str]]  # split -> espeak-ng voices
   assistant: Speech  # with empty text
+  preferences: dict[str, list[tuple[dict, list[Speech]]]]  # split -> (pair record, its speech)
 
 
 def _espeak_voices() -> list[str]:
@@ -277,6 +300,50 @@ def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
   return planned
 
 
+def _wrong_answer(rng: np.random.Generator, question: str, answer: str) -> str:
+  """A plausible wrong answer: a number off by one; else the answer of another fact whose question
+  shares the most leading words with this one."""
+  if answer in NUMBER_VALUES:
+    value = NUMBER_VALUES[answer]
+    return number_words(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
+  words = question.split()
+
+  def shared_words(other: str) -> int:
+    return next((k for k, (a, b) in enumerate(zip(words, other.split())) if a != b),
+                min(len(words), len(other.split())))
+
+  others = [(q, a) for q, a in FACTS if a != answer]
+  most = max(shared_words(q) for q, _ in others)
+  candidates = sorted({a for q, a in others if shared_words(q) == most})
+  return candidates[rng.integers(len(candidates))]
+
+
+def _plan_preferences(split: str, count: int, seed: int, qa_items: dict[str, list],
+                      espeak_voices: list[str], piper_share: float, assistant: Speech
+                      ) -> list[tuple[dict, list[Speech]]]:
+  """The split's preference pairs, each with its speech; pair i depends only on (seed, split, i)."""
+  planned = []
+  for i in range(count):
+    rng = np.random.default_rng([seed, len(SPLITS) + SPLITS.index(split), i])
+    kind = ('arithmetic', 'fact')[i % 2]
+    question, answer = qa_items[kind][rng.integers(len(qa_items[kind]))]
+    user = dataclasses.replace(_user_speech(rng, f'{question}?', espeak_voices, piper_share),
+                               noise=NOISE_KINDS[rng.integers(len(NOISE_KINDS))],
+                               snr_db=round(float(rng.uniform(*NOISE_SNR_DB)), 1))
+    wrong = _wrong_answer(rng, question, answer)
+    chosen, rejected = _assistant_speech(assistant, answer), _assistant_speech(assistant, wrong)
+    record = {'id': f'prefs-{split}-{i:05d}', 'task': PREFERENCE_TASK,
+              'system': SYSTEM_PROMPTS['spoken_qa'],
+              'turns': [{'role': 'user', 'audio': user.path, 'text': question}],
+              'chosen': {'text': answer, 'audio': chosen.path},
+              'rejected': {'text': wrong, 'audio': rejected.path},
+              'meta': {**_user_meta(user), 'noise': user.noise, 'snr_db': user.snr_db,
+                       **_assistant_meta(chosen), 'kind': kind, 'answer': answer,
+                       'wrong_answer': wrong}}
+    planned.append((record, [user, chosen, rejected]))
+  return planned
+
+
 def _text_facts(qa_items: dict[str, dict[str, list]]) -> list[dict]:
   records = []
   for kind, by_split in qa_items.items():
@@ -290,7 +357,8 @@ def _text_facts(qa_items: dict[str, dict[str, list]]) -> list[dict]:
   return records
 
 
-def plan(num_train: int, num_eval: int, seed: int, with_piper: bool) -> Plan:
+def plan(num_train: int, num_eval: int, seed: int, with_piper: bool, num_pref_train: int = 0,
+         num_pref_eval: int = 0) -> Plan:
   """Every manifest record and the speech it needs, without synthesising anything."""
   voices = _held_out(_espeak_voices(), seed, stream=0)
   if with_piper:
@@ -300,13 +368,16 @@ def plan(num_train: int, num_eval: int, seed: int, with_piper: bool) -> Plan:
   qa_items = {'arithmetic': _held_out(arithmetic_items(), seed, stream=1),
               'fact': _held_out(list(FACTS), seed, stream=2)}
   counts = {'train': num_train, 'validation': num_eval}
-  conversations = {}
+  pair_counts = {'train': num_pref_train, 'validation': num_pref_eval}
+  conversations, preferences = {}, {}
   for split in SPLITS:
     piper_share = PIPER_USER_SHARE if with_piper and split == 'train' else 0.0
-    conversations[split] = _plan_split(split, counts[split], seed,
-                                       {kind: items[split] for kind, items in qa_items.items()},
-                                       voices[split], piper_share, assistant)
-  return Plan(conversations, _text_facts(qa_items), voices, assistant)
+    split_items = {kind: items[split] for kind, items in qa_items.items()}
+    conversations[split] = _plan_split(split, counts[split], seed, split_items, voices[split],
+                                       piper_share, assistant)
+    preferences[split] = _plan_preferences(split, pair_counts[split], seed, split_items,
+                                           voices[split], piper_share, assistant)
+  return Plan(conversations, _text_facts(qa_items), voices, assistant, preferences)
 
 
 def _require_espeak() -> str:
@@ -353,12 +424,29 @@ def _piper_waveform(speech: Speech, voice) -> tuple[np.ndarray, int]:
   return np.concatenate(chunks), voice.config.sample_rate
 
 
-def _write_wav(path: str, waveform: np.ndarray, sample_rate: int, min_seconds: float) -> None:
-  """Resampled to 16 kHz, padded to min_seconds, written under a temporary name then renamed."""
+def _with_noise(waveform: np.ndarray, speech: Speech) -> np.ndarray:
+  """16 kHz speech plus its white or babble noise at speech.snr_db, seeded by its name."""
+  rng = np.random.default_rng(int(hashlib.sha1(speech.path.encode()).hexdigest()[:8], 16))
+  seconds = (len(waveform) + 1) / audio.SAMPLE_RATE  # at least len(waveform) samples of babble
+  if speech.noise == 'white':
+    noise = rng.normal(size=len(waveform))
+  else:
+    noise = sum(synthetic.tone_speech(rng, seconds)[:len(waveform)]
+                for _ in range(BABBLE_TALKERS))
+  scale = np.sqrt(np.mean(waveform ** 2) / (np.mean(noise ** 2) * 10 ** (speech.snr_db / 10)))
+  return waveform + scale * noise
+
+
+def _write_wav(path: str, waveform: np.ndarray, sample_rate: int, speech: Speech) -> None:
+  """Resampled to 16 kHz, padded to speech.min_seconds, its noise mixed in, written under a
+  temporary name then renamed."""
   if waveform.ndim > 1:
     waveform = waveform.mean(axis=1)
   waveform = librosa.resample(waveform, orig_sr=sample_rate, target_sr=audio.SAMPLE_RATE)
-  waveform = np.pad(waveform, (0, max(0, int(min_seconds * audio.SAMPLE_RATE) - len(waveform))))
+  waveform = np.pad(waveform, (0, max(0, int(speech.min_seconds * audio.SAMPLE_RATE)
+                                      - len(waveform))))
+  if speech.noise is not None:
+    waveform = _with_noise(waveform, speech)
   tmp = f'{path}.part'
   sf.write(tmp, np.clip(waveform, -1.0, 1.0), audio.SAMPLE_RATE, subtype='PCM_16', format='WAV')
   os.replace(tmp, path)
@@ -369,7 +457,7 @@ def _make_wav(out_dir: str, speech: Speech, piper_voice) -> None:
     waveform, sample_rate = _piper_waveform(speech, piper_voice)
   else:
     waveform, sample_rate = _espeak_waveform(speech)
-  _write_wav(os.path.join(out_dir, speech.path), waveform, sample_rate, speech.min_seconds)
+  _write_wav(os.path.join(out_dir, speech.path), waveform, sample_rate, speech)
 
 
 def _synthesise_missing(out_dir: str, speeches: list[Speech], piper_voice) -> int:
@@ -417,29 +505,44 @@ def _split_summary(records: list[dict], seconds: dict[str, float]) -> dict:
           'audio_seconds': {role: round(s, 1) for role, s in audio_seconds.items()}}
 
 
+def _preference_summary(records: list[dict]) -> dict:
+  snr = [r['meta']['snr_db'] for r in records]
+  return {'pairs': len(records),
+          'kinds': dict(collections.Counter(r['meta']['kind'] for r in records)),
+          'noise': dict(collections.Counter(r['meta']['noise'] for r in records)),
+          'snr_db': [min(snr), max(snr)] if snr else []}
+
+
 def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: int = 0,
-               use_piper: str = 'auto') -> dict:
+               use_piper: str = 'auto', num_pref_train: int = 0, num_pref_eval: int = 0) -> dict:
   """Writes the corpus into out_dir (see the module docstring), making only missing wavs, and
   returns the summary that it also writes to summary.json. use_piper: 'auto' (piper where it
-  loads, else espeak-ng only), 'on' (an error if piper does not load) or 'off'."""
+  loads, else espeak-ng only), 'on' (an error if piper does not load) or 'off'. Preference pairs
+  are made only when asked for (the command line asks for 200 and 60)."""
   start = time.time()
   espeak_version = _require_espeak()
   piper_voice, piper_missing = _open_piper(use_piper)
-  corpus = plan(num_train, num_eval, seed, with_piper=piper_voice is not None)
+  corpus = plan(num_train, num_eval, seed, with_piper=piper_voice is not None,
+                num_pref_train=num_pref_train, num_pref_eval=num_pref_eval)
 
   os.makedirs(os.path.join(out_dir, 'audio'), exist_ok=True)
-  speeches = {s.path: s for split in SPLITS for _, split_speeches in corpus.conversations[split]
+  speeches = {s.path: s for planned in (corpus.conversations, corpus.preferences)
+              for split in SPLITS for _, split_speeches in planned[split]
               for s in split_speeches}
   made = _synthesise_missing(out_dir, list(speeches.values()), piper_voice)
   seconds = {path: sf.info(os.path.join(out_dir, path)).duration for path in speeches}
 
   records = {split: [record for record, _ in corpus.conversations[split]] for split in SPLITS}
+  pairs = {split: [record for record, _ in corpus.preferences[split]] for split in SPLITS}
   corpus_lines = []
-  for name, file_records in (*records.items(), ('text_facts', corpus.text_facts)):
+  for name, file_records in (*records.items(), ('text_facts', corpus.text_facts),
+                             *((PREFERENCE_MANIFESTS[split], pairs[split]) for split in SPLITS)):
     manifest.write(os.path.join(out_dir, f'{name}.jsonl'), file_records)
     for record in file_records:
       corpus_lines.append(record['system'])
       corpus_lines.extend(turn['text'] for turn in record['turns'])
+      corpus_lines.extend(record[answer]['text'] for answer in ('chosen', 'rejected')
+                          if answer in record)
   _write_text(os.path.join(out_dir, 'corpus.txt'), '\n'.join(corpus_lines) + '\n')
 
   summary = {
@@ -447,6 +550,7 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
       'splits': {split: _split_summary(records[split], seconds) for split in SPLITS},
       'text_facts': dict(collections.Counter(
           f'{r["meta"]["kind"]}_{r["meta"]["split"]}' for r in corpus.text_facts)),
+      'preferences': {split: _preference_summary(pairs[split]) for split in SPLITS},
       'held_out_user_voices': [f'{ESPEAK}:{v}' for v in corpus.user_voices['validation']],
       'assistant_voice': f'{corpus.assistant.engine}:{corpus.assistant.voice}',
       'engines_used': sorted({s.engine for s in speeches.values()}),
@@ -469,16 +573,20 @@ def _define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'Seed of every random choice.')
   flags.DEFINE_enum('piper', 'auto', ['auto', 'on', 'off'],
                     'Piper neural voice: where it loads, required, or never.')
+  flags.DEFINE_integer('num_pref_train', 200, 'Train preference pairs (correct_answer).')
+  flags.DEFINE_integer('num_pref_eval', 60, 'Held-out validation preference pairs.')
 
 
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
-  summary = synthesise(FLAGS.out, FLAGS.num_train, FLAGS.num_eval, FLAGS.seed, FLAGS.piper)
+  summary = synthesise(FLAGS.out, FLAGS.num_train, FLAGS.num_eval, FLAGS.seed, FLAGS.piper,
+                       FLAGS.num_pref_train, FLAGS.num_pref_eval)
   for split in SPLITS:
     s = summary['splits'][split]
     print(f'{split}: {s["conversations"]} conversations {s["tasks"]}, '
-          f'{len(s["user_voices"])} user voices, audio seconds {s["audio_seconds"]}')
+          f'{len(s["user_voices"])} user voices, audio seconds {s["audio_seconds"]}; '
+          f'{summary["preferences"][split]["pairs"]} preference pairs')
   piper_note = (f' (piper unavailable: {summary["piper_unavailable"]})'
                 if summary['piper_unavailable'] else '')
   print(f'engines {summary["engines_used"]}{piper_note}; {summary["audio_files_made"]} of '
