@@ -36,6 +36,7 @@ import ml_collections
 import optax
 
 from fac_jax import batch as batch_lib
+from fac_jax import steps
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import pipeline
 
@@ -218,16 +219,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
       grads, stats = jax.lax.scan(add_slice, zeros, slices)
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
       stats = jax.tree.map(lambda x: x.reshape(rows), stats)
-    metrics = summarise(stats, dpo_cfg)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep_if_finite, new_params, params)
-    opt_state = jax.tree.map(keep_if_finite, new_opt_state, opt_state)
-    metrics.update(grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32))
-    return params, opt_state, metrics
+    return steps.guarded_update(optimizer, params, opt_state, grads, summarise(stats, dpo_cfg))
   return dpo_step
 
 

@@ -51,6 +51,21 @@ def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_mi
   return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), metrics
 
 
+def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grads,
+                   metrics: dict):
+  """The optimizer update, unless the loss or the gradient is not finite: then nothing changes.
+  Adds `grad_norm` and `skipped` (1 for a skipped step) to the metrics."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep_if_finite, new_params, params)
+  opt_state = jax.tree.map(keep_if_finite, new_opt_state, opt_state)
+  metrics.update(grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32))
+  return params, opt_state, metrics
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     grad_accum_steps: int = 1) -> Callable:
   """(params, opt_state, batch) -> (params, opt_state, metrics); pure, no Python side effects.
@@ -65,15 +80,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       (_, metrics), grads = grad_fn(graphdef, params, batch)
     else:
       grads, metrics = _accumulated_grads(graphdef, params, batch, grad_accum_steps)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep_if_finite, new_params, params)
-    opt_state = jax.tree.map(keep_if_finite, new_opt_state, opt_state)
-    metrics.update(grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32))
-    return params, opt_state, metrics
+    return guarded_update(optimizer, params, opt_state, grads, metrics)
   return train_step
 
 
