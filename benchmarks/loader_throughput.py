@@ -97,7 +97,8 @@ def main(argv):
 
   print(f'\n{jax.device_count()} x {jax.devices()[0].platform}; {n} conversations; batch '
         f'{cfg.data.batch_size} x {cfg.data.seq_len} positions; '
-        f'{conversations_per_batch:.1f} conversations and {seconds_per_batch:.1f} audio-s per batch')
+        f'{conversations_per_batch:.1f} conversations and {seconds_per_batch:.1f} audio-s per '
+        'batch')
   print(f'| {"stage":32} | {"conversations/s":>15} | {"audio-s/s":>10} | {"x train step":>12} |')
   print(f'|{"-" * 34}|{"-" * 17}:|{"-" * 11}:|{"-" * 13}:|')
   for name, rate, seconds in rows:

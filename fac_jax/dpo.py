@@ -36,12 +36,11 @@ import ml_collections
 import optax
 
 from fac_jax import batch as batch_lib
-from fac_jax import steps
+from fac_jax import evaluation, steps
 from fac_jax.batch import IGNORE_ID
-from fac_jax.data import pipeline
+from fac_jax.data import pipeline, preference
 
 CHANNELS = ('text', 'speech')
-ANSWERS = ('chosen', 'rejected')
 
 
 def sequence_logps(outputs: dict, batch: dict) -> dict:
@@ -62,7 +61,7 @@ def target_counts(batch: dict) -> dict:
   rows = batch['task_ids'].shape[0]
   return {f'{answer}_{channel}_count':
           (batch[answer][f'{channel}_targets'] != IGNORE_ID).reshape(rows, -1).sum(axis=-1)
-          for answer in ANSWERS for channel in CHANNELS}
+          for answer in preference.ANSWER_FIELDS for channel in CHANNELS}
 
 
 def answer_logps(graphdef: nnx.GraphDef, params: dict, batch: dict) -> dict:
@@ -74,7 +73,7 @@ def answer_logps(graphdef: nnx.GraphDef, params: dict, batch: dict) -> dict:
                       batch['chosen'], batch['rejected'])
   logps = sequence_logps(nnx.merge(graphdef, params)(both), both)
   return {f'{answer}_{channel}': logps[channel].reshape(-1, 2)[:, k]
-          for k, answer in enumerate(ANSWERS) for channel in CHANNELS}
+          for k, answer in enumerate(preference.ANSWER_FIELDS) for channel in CHANNELS}
 
 
 def pair_weights(task_ids: jax.Array, dpo_cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -93,7 +92,7 @@ def pair_statistics(policy: dict, reference: dict, batch: dict,
   loss = margin = total_weight = 0.0
   for channel, weight in zip(CHANNELS, (dpo_cfg.text_weight, dpo_cfg.speech_weight)):
     rewards = {answer: beta * (policy[f'{answer}_{channel}'] - reference[f'{answer}_{channel}'])
-               for answer in ANSWERS}
+               for answer in preference.ANSWER_FIELDS}
     channel_margin = rewards['chosen'] - rewards['rejected']
     channel_loss = (-(1 - smoothing) * jax.nn.log_sigmoid(channel_margin)
                     - smoothing * jax.nn.log_sigmoid(-channel_margin))
@@ -243,7 +242,7 @@ def jit_dpo_steps(cfg: ml_collections.ConfigDict, graphdef, optimizer, mesh: jax
   so the reference must not share their buffers. `batch_example`, a local dpo_dataset batch,
   fixes the layout; its chosen batch is checked against fac_jax.batch first."""
   batch_lib.check(batch_example['chosen'], cfg.model)
-  batch_shardings = pipeline.dpo_global_batch_shardings(batch_example, mesh)
+  batch_shardings = pipeline.global_batch_shardings(batch_example, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_step = jax.jit(make_dpo_step(graphdef, optimizer, cfg.dpo, cfg.train.grad_accum_steps),
                        in_shardings=(param_shardings, opt_shardings, param_shardings,
@@ -260,21 +259,11 @@ def evaluate(cfg: ml_collections.ConfigDict, params, ref_params, eval_step: Call
              batch_shardings: dict, split: str, max_batches: int | None = None) -> dict:
   """Metrics of one pass over the preference split `split` of cfg.data.dir (at most
   `max_batches` batches): the pairs of every batch summarised together, so each pair counts
-  once whatever batch it was in. `eval_step` and `batch_shardings` as jit_dpo_steps returns them.
-
-  With several processes every one must run the same number of steps, so the split repeats and
-  exactly `max_batches` batches are read.
-  """
-  multi_process = jax.process_count() > 1
-  if multi_process and max_batches is None:
-    raise ValueError('evaluation on several processes needs max_batches')
-  batches = pipeline.dpo_dataset(cfg, split, num_epochs=None if multi_process else 1,
-                                 shuffle=False)
-  collected = []
-  for i, batch in enumerate(batches):
-    if i == max_batches:
-      break
-    collected.append(jax.device_get(
-        eval_step(params, ref_params, pipeline.dpo_to_global(batch, batch_shardings))))
+  once whatever batch it was in. `eval_step` and `batch_shardings` as jit_dpo_steps returns them;
+  batches as evaluation.eval_batches reads them."""
+  collected = [jax.device_get(eval_step(params, ref_params, pipeline.to_global(batch,
+                                                                             batch_shardings)))
+               for batch in evaluation.eval_batches(pipeline.dpo_dataset, cfg, split,
+                                                    max_batches)]
   stats = jax.tree.map(lambda *values: jnp.concatenate(values), *collected)
   return {name: float(value) for name, value in summarise(stats, cfg.dpo).items()}

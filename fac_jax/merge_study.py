@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from fac_jax import checkpoint, evaluation, merge, merging, sharding
+from fac_jax import checkpoint, evaluation, files, merge, merging, sharding
 from fac_jax.data import pipeline
 from fac_jax.model import fun_audio_chat
 
@@ -100,9 +100,7 @@ def sweep(cfg, base: str, finetuned: str, workdir: str, knowledge_data: str, tas
                       **{f'task_{name}': task[name] for name in
                          ('text_loss', 'text_accuracy', 'speech_loss', 'speech_accuracy')}}
         if jax.process_index() == 0:
-          with open(cache_path + '.tmp', 'w') as f:
-            json.dump(cache, f, indent=1)
-          os.replace(cache_path + '.tmp', cache_path)
+          files.write_atomically(cache_path, json.dumps(cache, indent=1))
           print('  '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                           for k, v in cache[key].items()), flush=True)
       rows.append(cache[key])

@@ -124,8 +124,8 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
 
 
-def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Batch arrays are split over (data, fsdp) along their first axis, replicated otherwise."""
-  return {name: NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (value.ndim - 1),
-                                                    value.shape, mesh))
-          for name, value in batch.items()}
+def batch_shardings(batch, mesh: jax.sharding.Mesh):
+  """Batch arrays (any pytree of them) are split over (data, fsdp) along their first axis,
+  replicated otherwise."""
+  return jax.tree.map(lambda value: NamedSharding(mesh, logical_to_spec(
+      ('batch',) + (None,) * (value.ndim - 1), value.shape, mesh)), batch)

@@ -75,14 +75,15 @@ class MetricsLog:
         if name != 'step':
           self.writer.add_scalar(name, value, step)
 
-  def plot(self, path: str) -> None:
+  def plot(self, path: str, names: tuple[str, ...]) -> None:
+    """One panel per metric name, train and eval curves in each."""
     if not is_main_process():
       return
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, name in zip(axes, ('loss', 'text_loss', 'speech_loss')):
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4))
+    for ax, name in zip(axes, names):
       for prefix, style in (('train', '-'), ('eval', 'o-')):
         points = [(e['step'], e[f'{prefix}/{name}']) for e in self.entries
                   if f'{prefix}/{name}' in e]
@@ -123,11 +124,12 @@ class Trainer:
     self.mesh = sharding.make_mesh(cfg.mesh)
     abstract = fun_audio_chat.abstract_model(cfg.model)
     self.graphdef, abstract_state = nnx.split(abstract)
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    self.optimizer = optim.make_optimizer(self.train, abstract_params)
+    self.abstract_params = nnx.to_pure_dict(abstract_state)  # ShapeDtypeStructs
+    self.optimizer = optim.make_optimizer(self.train, self.abstract_params)
     self.param_shardings = sharding.param_shardings(abstract_state, self.mesh)
     self.opt_shardings = steps.optimizer_shardings(
-        jax.eval_shape(self.optimizer.init, abstract_params), self.param_shardings, self.mesh)
+        jax.eval_shape(self.optimizer.init, self.abstract_params), self.param_shardings,
+        self.mesh)
     self.is_dpo = self.train.stage == 'dpo'
     dataset = pipeline.dpo_dataset if self.is_dpo else pipeline.dataset
     self.train_data = iter(dataset(cfg, cfg.data.train_split))
@@ -139,7 +141,7 @@ class Trainer:
     init_checkpoint = self.train.init_checkpoint
     if init_checkpoint:
       reader = checkpoint.Reader(init_checkpoint, self.mesh)
-      if reader.shapes != jax.tree.map(lambda s: s.shape, self.shapes()):
+      if reader.shapes != jax.tree.map(lambda s: s.shape, self.abstract_params):
         raise TrainingError(f'train.init_checkpoint={init_checkpoint}: its parameter shapes do '
                             'not match config.model')
       params = reader.load(self.cfg.model.param_dtype)
@@ -149,18 +151,12 @@ class Trainer:
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
     return TrainState(params, opt_state)
 
-  def shapes(self) -> dict:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                        nnx.to_pure_dict(nnx.split(
-                            fun_audio_chat.abstract_model(self.cfg.model))[1]))
-
   def restore(self, step: int) -> TrainState:
     """The state saved at `step`, placed straight into this run's shardings (the saving run may
     have used another mesh), and the data iterator moved to where it was."""
-    abstract_params = self.shapes()
-    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    abstract_opt = jax.eval_shape(self.optimizer.init, self.abstract_params)
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    target = {'params': jax.tree.map(with_sharding, abstract_params, self.param_shardings),
+    target = {'params': jax.tree.map(with_sharding, self.abstract_params, self.param_shardings),
               'opt_state': jax.tree.map(with_sharding, abstract_opt, self.opt_shardings)}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
@@ -223,7 +219,9 @@ class Trainer:
         batch = next(self.train_data)
       self.manager.wait_until_finished()
       self.export_final(state)
-      log.plot(os.path.join(self.workdir, 'loss_curves.png'))
+      log.plot(os.path.join(self.workdir, 'loss_curves.png'),
+               ('loss', 'accuracy', 'margin') if self.is_dpo
+               else ('loss', 'text_loss', 'speech_loss'))
     finally:
       signal.signal(signal.SIGTERM, previous)
       log.close()
@@ -240,7 +238,7 @@ class Trainer:
           self.opt_shardings, first)
       reference = self._reference_params()
       return (lambda params, opt_state, batch: dpo_step(
-                  params, opt_state, reference, pipeline.dpo_to_global(batch, shardings)),
+                  params, opt_state, reference, pipeline.to_global(batch, shardings)),
               lambda params: dpo.evaluate(cfg, params, reference, eval_step, shardings,
                                           cfg.data.eval_split, train.eval_batches))
     shardings = pipeline.global_batch_shardings(first, self.mesh)

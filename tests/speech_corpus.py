@@ -12,22 +12,22 @@ from fac_jax.data import synthetic
 
 ANSWERS = ['One.', 'Two.', 'Three.', 'Four.', 'Five.', 'Six.', 'Seven.', 'Eight.']
 
+
+def _question_in(file: str) -> dict:
+  """A conversation whose user audio is audio/<file>, answered in text."""
+  return {'turns': [{'role': 'user', 'audio': f'audio/{file}'},
+                    {'role': 'assistant', 'text': 'Hm.'}]}
+
+
 # Bad lines appended to the train manifest: (reason the report must give, manifest line).
 BAD_LINES = [
-    ('missing', {'turns': [{'role': 'user', 'audio': 'audio/missing.wav'},
-                              {'role': 'assistant', 'text': 'Hm.'}]}),
-    ('too_short', {'turns': [{'role': 'user', 'audio': 'audio/empty.wav'},
-                             {'role': 'assistant', 'text': 'Hm.'}]}),
-    ('unreadable', {'turns': [{'role': 'user', 'audio': 'audio/corrupt.wav'},
-                              {'role': 'assistant', 'text': 'Hm.'}]}),
-    ('silent', {'turns': [{'role': 'user', 'audio': 'audio/silent.wav'},
-                          {'role': 'assistant', 'text': 'Hm.'}]}),
-    ('overlong', {'turns': [{'role': 'user', 'audio': 'audio/long.wav'},
-                            {'role': 'assistant', 'text': 'Hm.'}]}),
-    ('non_finite', {'turns': [{'role': 'user', 'audio': 'audio/nan.wav'},
-                              {'role': 'assistant', 'text': 'Hm.'}]}),
-    ('low_sample_rate', {'turns': [{'role': 'user', 'audio': 'audio/8k.wav'},
-                                   {'role': 'assistant', 'text': 'Hm.'}]}),
+    ('missing', _question_in('missing.wav')),
+    ('too_short', _question_in('empty.wav')),
+    ('unreadable', _question_in('corrupt.wav')),
+    ('silent', _question_in('silent.wav')),
+    ('overlong', _question_in('long.wav')),
+    ('non_finite', _question_in('nan.wav')),
+    ('low_sample_rate', _question_in('8k.wav')),
     ('malformed_line', '{"turns": [{"role": "user", "audio": "audio/q0.wav"}'),
     ('malformed_line', {'turns': [{'role': 'user', 'audio': 'audio/q0.wav'}]}),
     ('malformed_line', {'turns': [{'role': 'robot', 'text': 'beep'},

@@ -51,7 +51,8 @@ def test_merge_mixes_stage1_with_the_base_only_where_the_base_counts(setup):
         if part == 'llm' else m1[part]
     for got, want in zip(jax.tree.leaves(merged[part]), jax.tree.leaves(expected)):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  assert os.path.exists(final) and os.path.exists(os.path.join(workdir, 'stage2', 'loss_curves.png'))
+  assert os.path.exists(final)
+  assert os.path.exists(os.path.join(workdir, 'stage2', 'loss_curves.png'))
 
 
 def test_a_rerun_skips_every_finished_part(setup, capsys, monkeypatch):

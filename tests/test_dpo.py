@@ -281,7 +281,7 @@ def model_and_steps(prepared):
   batches = list(pipeline.dpo_dataset(cfg, 'prefs', num_epochs=1, shuffle=False))
   train_step, eval_step, shardings = dpo.jit_dpo_steps(cfg, graphdef, optimizer, mesh,
                                                        param_shardings, opt_shardings, batches[0])
-  batches = [pipeline.dpo_to_global(batch, shardings) for batch in batches]
+  batches = [pipeline.to_global(batch, shardings) for batch in batches]
   return graphdef, params, optimizer, train_step, eval_step, shardings, batches
 
 

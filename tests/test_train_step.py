@@ -119,12 +119,11 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_config):
     step = jax.jit(steps.make_train_step(graphdef, optimizer, grad_accum_steps=slices))
     new_params, _, metrics = step(params, optimizer.init(params), batch)
     results[slices] = jax.device_get((new_params, metrics))
-  for slices in (4,):
-    for name in ('loss', 'text_loss', 'speech_loss', 'text_accuracy', 'grad_norm'):
-      assert results[slices][1][name] == pytest.approx(results[1][1][name], rel=1e-5), name
-    diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), results[slices][0],
-                         results[1][0])
-    assert max(jax.tree.leaves(diffs)) < 1e-6
+  (whole_params, whole), (sliced_params, sliced) = results[1], results[4]
+  for name in ('loss', 'text_loss', 'speech_loss', 'text_accuracy', 'grad_norm'):
+    assert sliced[name] == pytest.approx(whole[name], rel=1e-5), name
+  diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), sliced_params, whole_params)
+  assert max(jax.tree.leaves(diffs)) < 1e-6
 
 
 def test_a_non_finite_step_changes_nothing_and_is_counted(tiny_config):

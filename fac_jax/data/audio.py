@@ -20,7 +20,8 @@ def _mel_filters(num_mel_bins: int) -> np.ndarray:
 
 class AudioError(ValueError):
   """An audio file that cannot be used; the message names the file and why, `reason` is a short
-  tag for counting (missing, unreadable, non_finite, low_sample_rate, overlong, too_short, silent)."""
+  tag for counting (missing, unreadable, non_finite, low_sample_rate, overlong, too_short,
+  silent)."""
 
   def __init__(self, message: str, reason: str):
     super().__init__(message)

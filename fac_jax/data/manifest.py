@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 
+from fac_jax import files
+
 ROLES = ('user', 'assistant')
 
 
@@ -113,8 +115,5 @@ def read(path: str):
 
 def write(path: str, records: list[dict]) -> None:
   """Writes manifest records (dicts in the format above) as JSONL, atomically."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + '\n')
-  os.replace(tmp, path)
+  files.write_atomically(path, ''.join(json.dumps(record, ensure_ascii=False) + '\n'
+                                       for record in records))

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 
 from fac_jax import sharding, tokenizer as text_tokenizer
-from fac_jax.batch import FIELDS
-from fac_jax.data import conversation, prepare
+from fac_jax.data import conversation, preference, prepare
+
 
 @dataclasses.dataclass
 class FormatRecord:
@@ -111,7 +111,7 @@ class FormatPair:
     prompt = fmt.conversation_pieces(conv, record, train_replies=False)
     pair = {answer: conversation.format_conversation(
         prompt + fmt.turn_pieces(conv[answer], record, trained=True), fmt.model)
-            for answer in ('chosen', 'rejected')}
+            for answer in preference.ANSWER_FIELDS}
     pair['task_id'] = self.tasks.index(conv['task'])
     return pair
 
@@ -172,16 +172,18 @@ class _PackedBatchIterator(grain.DatasetIterator):
     self.dropped = state['dropped']
 
 
-class PackedBatches(grain.IterDataset):
-  """grain IterDataset of packed batches (dicts of NumPy arrays, fac_jax.batch fields)."""
+class Batches(grain.IterDataset):
+  """grain IterDataset of the batches an iterator class (_PackedBatchIterator or
+  _PairBatchIterator) makes of its parent's formatted examples."""
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, num_windows: int,
-               model: ml_collections.ConfigDict):
+  def __init__(self, parent: grain.IterDataset, iterator: type, batch_size: int, seq_len: int,
+               num_windows: int, model: ml_collections.ConfigDict):
     super().__init__(parent)
+    self._iterator = iterator
     self._args = (batch_size, seq_len, num_windows, model)
 
-  def __iter__(self) -> _PackedBatchIterator:
-    return _PackedBatchIterator(self._parent.__iter__(), *self._args)
+  def __iter__(self) -> grain.DatasetIterator:
+    return self._iterator(self._parent.__iter__(), *self._args)
 
 
 class _PairBatchIterator(grain.DatasetIterator):
@@ -219,7 +221,7 @@ class _PairBatchIterator(grain.DatasetIterator):
     empty_rows = [[]] * (self._batch_size - len(pairs))
     batch = {answer: conversation.pack([[pair[answer]] for pair in pairs] + empty_rows,
                                        self._seq_len, self._num_windows, self._model)
-             for answer in ('chosen', 'rejected')}
+             for answer in preference.ANSWER_FIELDS}
     batch['task_ids'] = np.asarray([pair['task_id'] for pair in pairs] + [-1] * len(empty_rows),
                                    np.int32)
     return batch
@@ -230,18 +232,6 @@ class _PairBatchIterator(grain.DatasetIterator):
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state['parent'])
     self.dropped = state['dropped']
-
-
-class PairBatches(grain.IterDataset):
-  """grain IterDataset of DPO batches {'chosen': batch, 'rejected': batch, 'task_ids': (B,)}."""
-
-  def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, num_windows: int,
-               model: ml_collections.ConfigDict):
-    super().__init__(parent)
-    self._args = (batch_size, seq_len, num_windows, model)
-
-  def __iter__(self) -> _PairBatchIterator:
-    return _PairBatchIterator(self._parent.__iter__(), *self._args)
 
 
 def _format_record(cfg: ml_collections.ConfigDict) -> FormatRecord:
@@ -284,8 +274,8 @@ def dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = No
   stream, local_batch_size = _formatted_stream(
       cfg, split, _format_record(cfg), seed=seed, num_epochs=num_epochs, shuffle=shuffle,
       process_index=process_index, process_count=process_count)
-  return PackedBatches(stream, local_batch_size, cfg.data.seq_len, cfg.data.num_windows,
-                       cfg.model)
+  return Batches(stream, _PackedBatchIterator, local_batch_size, cfg.data.seq_len,
+                 cfg.data.num_windows, cfg.model)
 
 
 def dpo_dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = None,
@@ -300,34 +290,21 @@ def dpo_dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None 
       cfg, split, FormatPair(_format_record(cfg), tuple(cfg.dpo.tasks)), seed=seed,
       num_epochs=num_epochs, shuffle=shuffle, process_index=process_index,
       process_count=process_count)
-  return PairBatches(stream, local_batch_size, cfg.data.seq_len, cfg.data.num_windows, cfg.model)
+  return Batches(stream, _PairBatchIterator, local_batch_size, cfg.data.seq_len,
+                 cfg.data.num_windows, cfg.model)
 
 
-def global_batch_shardings(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Shardings of the global batch that every process's local batch is a slice of."""
+def global_batch_shardings(local_batch, mesh: jax.sharding.Mesh):
+  """Shardings of the global batch (any pytree of arrays: an SFT or a DPO batch) that every
+  process's local batch is a slice of."""
   count = jax.process_count()
-  shapes = {name: jax.ShapeDtypeStruct((value.shape[0] * count,) + value.shape[1:], value.dtype)
-            for name, value in local_batch.items()}
+  shapes = jax.tree.map(lambda value: jax.ShapeDtypeStruct(
+      (value.shape[0] * count,) + value.shape[1:], value.dtype), local_batch)
   return sharding.batch_shardings(shapes, mesh)
 
 
-def to_global(local_batch: dict, shardings: dict) -> dict:
+def to_global(local_batch, shardings):
   """This process's rows -> global jax.Arrays laid out by `shardings` (batch axis over
-  data x fsdp)."""
-  return {name: jax.make_array_from_process_local_data(shardings[name], local_batch[name])
-          for name in FIELDS}
-
-
-def dpo_global_batch_shardings(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """global_batch_shardings of a DPO batch {'chosen', 'rejected', 'task_ids'}."""
-  return {'chosen': global_batch_shardings(local_batch['chosen'], mesh),
-          'rejected': global_batch_shardings(local_batch['rejected'], mesh),
-          **global_batch_shardings({'task_ids': local_batch['task_ids']}, mesh)}
-
-
-def dpo_to_global(local_batch: dict, shardings: dict) -> dict:
-  """to_global of a DPO batch: pair i stays in row i of chosen, rejected and task_ids."""
-  return {'chosen': to_global(local_batch['chosen'], shardings['chosen']),
-          'rejected': to_global(local_batch['rejected'], shardings['rejected']),
-          'task_ids': jax.make_array_from_process_local_data(shardings['task_ids'],
-                                                             local_batch['task_ids'])}
+  data x fsdp); row i of every array stays row i."""
+  return jax.tree.map(lambda s, value: jax.make_array_from_process_local_data(s, value),
+                      shardings, local_batch)

@@ -18,6 +18,7 @@ prefs_train.jsonl): each pair is one record whose conversation JSON has the prom
 `chosen` and `rejected` entries, the chosen answer's codes, then the rejected one's, in `codes`.
 """
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -33,7 +34,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from ml_collections import config_flags
 
-from fac_jax import tokenizer as text_tokenizer
+from fac_jax import files, tokenizer as text_tokenizer
 from fac_jax.data import audio, conversation, manifest, preference, speech_tokenizer
 
 DATASET_NAME = 'conversation_dataset'
@@ -51,6 +52,10 @@ class Chunk:
   first_line: int
   lines: tuple[str, ...]
 
+  def cache_path(self, cache_dir: str, fingerprint: str) -> str:
+    """Where this chunk's extraction is cached; the name changes with its lines and settings."""
+    return os.path.join(cache_dir, self.key(fingerprint) + '.npz')
+
   def key(self, fingerprint: str) -> str:
     digest = hashlib.sha1(fingerprint.encode())
     for line in self.lines:
@@ -67,7 +72,8 @@ class Extractor:
 
   def fingerprint(self) -> str:
     codebook = hashlib.sha1(np.ascontiguousarray(self.speech_tokenizer.centroids)).hexdigest()
-    return f'mel{self.num_mel_bins}-max{self.max_audio_seconds}-codes{codebook}-{MEL_DTYPE.__name__}'
+    return (f'mel{self.num_mel_bins}-max{self.max_audio_seconds}-codes{codebook}-'
+            f'{MEL_DTYPE.__name__}')
 
   def _entry(self, turn: manifest.Turn, mels: list, codes: list) -> dict:
     """A turn's record entry; its user log-mel or assistant codes are appended to `mels` or
@@ -155,9 +161,7 @@ def _save_chunk(path: str, records: list, skipped: list) -> None:
     arrays[f'mel_{i}'], arrays[f'codes_{i}'] = record['mel'], record['codes']
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  with open(path + '.tmp', 'wb') as f:
-    f.write(buffer.getvalue())
-  os.replace(path + '.tmp', path)
+  files.write_atomically(path, buffer.getvalue())
 
 
 def _chunk_index(path: str) -> dict:
@@ -214,7 +218,7 @@ class ConversationDataset(tfds.core.GeneratorBasedBuilder):
     total = sum(len(c.lines) for c in chunks)
     with tqdm.tqdm(total=total, desc=f'extracting {split}', unit='conv') as progress:
       for chunk in chunks:
-        path = os.path.join(self._cache_dir, chunk.key(fingerprint) + '.npz')
+        path = chunk.cache_path(self._cache_dir, fingerprint)
         if os.path.exists(path):
           records, _ = _load_chunk(path)
         else:
@@ -321,12 +325,11 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
   os.makedirs(cache_dir, exist_ok=True)
   builder = ConversationDataset(chunks=chunks, extractor=extractor, cache_dir=cache_dir,
                                 use_beam=use_beam, data_dir=out, file_format='array_record')
-  beam_runner = None
   if use_beam:
     from apache_beam.options.pipeline_options import PipelineOptions
     beam_options = PipelineOptions(beam_options or ['--runner=DirectRunner'])
   config = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards,
-                                        beam_runner=beam_runner, beam_options=beam_options)
+                                        beam_options=beam_options)
   builder.download_and_prepare(download_dir=cache_dir, download_config=config)
 
   info = tfds.builder_from_directory(dataset_dir(out)).info
@@ -335,20 +338,15 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
   for split, path in splits.items():
     skipped = [] if use_beam else [
         skip for chunk in chunks[split]
-        for skip in _chunk_index(os.path.join(cache_dir, chunk.key(fingerprint) + '.npz'))[
-            'skipped']]
-    reasons = {}
-    for skip in skipped:
-      reasons[skip['reason']] = reasons.get(skip['reason'], 0) + 1
+        for skip in _chunk_index(chunk.cache_path(cache_dir, fingerprint))['skipped']]
+    reasons = dict(collections.Counter(skip['reason'] for skip in skipped))
     report['splits'][split] = {
         'manifest': path, 'kept': info.splits[split].num_examples,
         'shards': info.splits[split].num_shards, 'skipped': len(skipped),
         'skipped_by_reason': reasons, 'skips': skipped}
   if use_beam:
     report['note'] = 'built on Beam: skips were logged by the workers, not collected here'
-  with open(os.path.join(out, REPORT_FILE + '.tmp'), 'w') as f:
-    json.dump(report, f, indent=1)
-  os.replace(os.path.join(out, REPORT_FILE + '.tmp'), os.path.join(out, REPORT_FILE))
+  files.write_atomically(os.path.join(out, REPORT_FILE), json.dumps(report, indent=1))
   return report
 
 

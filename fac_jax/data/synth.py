@@ -49,7 +49,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from fac_jax.data import audio, manifest, synthetic
+from fac_jax import files
+from fac_jax.data import audio, manifest, preference, synthetic
 
 SYSTEM_PROMPTS = {
     'transcription': 'Transcribe the speech.',
@@ -477,13 +478,6 @@ def _synthesise_missing(out_dir: str, speeches: list[Speech], piper_voice) -> in
   return len(missing)
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _split_summary(records: list[dict], seconds: dict[str, float]) -> dict:
   user_voices, assistant_voices = collections.Counter(), collections.Counter()
   audio_seconds = {'user': 0.0, 'assistant': 0.0}
@@ -541,9 +535,9 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
     for record in file_records:
       corpus_lines.append(record['system'])
       corpus_lines.extend(turn['text'] for turn in record['turns'])
-      corpus_lines.extend(record[answer]['text'] for answer in ('chosen', 'rejected')
+      corpus_lines.extend(record[answer]['text'] for answer in preference.ANSWER_FIELDS
                           if answer in record)
-  _write_text(os.path.join(out_dir, 'corpus.txt'), '\n'.join(corpus_lines) + '\n')
+  files.write_atomically(os.path.join(out_dir, 'corpus.txt'), '\n'.join(corpus_lines) + '\n')
 
   summary = {
       'seed': seed,
@@ -560,7 +554,8 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
       'audio_files_made': made,
       'seconds_taken': round(time.time() - start, 1),
   }
-  _write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2) + '\n')
+  files.write_atomically(os.path.join(out_dir, 'summary.json'),
+                         json.dumps(summary, indent=2) + '\n')
   return summary
 
 
