@@ -7,11 +7,16 @@ def get_config(stage=None):
   """`configs/tiny.py:<stage>` picks a training stage (default stage1)."""
   config = base.default_config()
   config.train = base.train_config(stage or 'stage1')
-  # A model trained from scratch on a small corpus: rates 30x the 8B recipe's, same 10x decay.
-  for train in (config.train, config.cocktail.stage2):
-    train.update(learning_rate=train.learning_rate * 30,
-                 end_learning_rate=train.end_learning_rate * 30, steps=200, log_every=10,
+  # A model trained from scratch on a small corpus: rates 30x the 8B recipe's, same 10x decay;
+  # DPO 300x, since a policy this small moves too little at 30x to change its held-out preferences.
+  stages = config.pipeline.stages
+  for train in (config.train, config.cocktail.stage2, *stages.values()):
+    scale = 300 if train.stage == 'dpo' else 30
+    train.update(learning_rate=train.learning_rate * scale,
+                 end_learning_rate=train.end_learning_rate * scale, steps=200, log_every=10,
                  eval_every=50, eval_batches=4, checkpoint_every=50)
+  for name, steps in dict(base=400, prealign=100, stage1=600, stage2=200, dpo=150).items():
+    stages[name].update(steps=steps, eval_every=steps, checkpoint_every=100, log_every=50)
   model = config.model
   model.llm.update(vocab_size=263, num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2,
                    head_dim=14, mlp_dim=83, rope_theta=5e6)

@@ -103,6 +103,18 @@ def default_config() -> ml_collections.ConfigDict:
       base_checkpoint='', method='linear', alpha=0.5, include='^llm/', exclude='',
       stage2=train_config('stage2')))
 
+  # The main job (python -m fac_jax.pipeline): a synthesised corpus, a text base model M_0 trained
+  # on its facts, then the training recipe from M_0, then evaluation. Each stage's trainer settings
+  # (base uses stage 1's recipe; cocktail.stage2 is replaced by stages.stage2).
+  config.pipeline = ml_collections.ConfigDict(dict(
+      num_train=600, num_eval=120, num_pref_train=200, num_pref_eval=60, piper='auto',
+      stages={'base': train_config('stage1'), 'prealign': train_config('prealign'),
+              'stage1': train_config('stage1'), 'stage2': train_config('stage2'),
+              'dpo': train_config('dpo')},
+      eval_questions=40,  # per task and model, from the held-out split
+      max_new_tokens=24,  # text tokens per generated answer (5 a second)
+      merge_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), samples=4))  # sweep; sample wavs in the report
+
   # Device mesh: -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

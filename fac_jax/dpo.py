@@ -20,6 +20,10 @@ channel c in (text, speech):
   loss     = dpo_loss + dpo.sft_weight * sft_loss, sft_loss the chosen answers' text + speech
              cross-entropy, each a mean over its targets (as fun_audio_chat.compute_losses)
 
+`<channel>_likelihood_accuracy`, the share of pairs whose chosen answer the policy itself finds
+more likely than the rejected one (no reference), shows where the policy starts as well as where DPO
+takes it.
+
 Each channel has its own sigmoid: the speech channel has 5 targets per text position, so its
 log-ratios are larger, and a shared sigmoid would let it decide every pair. Metrics other than the
 losses are plain means over the pairs (margins and rewards over the pairs with targets in that
@@ -104,6 +108,8 @@ def pair_statistics(policy: dict, reference: dict, batch: dict,
     stats.update({f'{channel}_margin': channel_margin, f'has_{channel}': present,
                   f'{channel}_chosen_reward': rewards['chosen'],
                   f'{channel}_rejected_reward': rewards['rejected'],
+                  f'{channel}_logp_margin': (policy[f'chosen_{channel}']
+                                             - policy[f'rejected_{channel}']),
                   f'chosen_{channel}_nll': -policy[f'chosen_{channel}'],
                   f'chosen_{channel}_count': counts[f'chosen_{channel}_count']})
   total_weight = jnp.maximum(total_weight, 1e-12)
@@ -143,6 +149,8 @@ def summarise(stats: dict, dpo_cfg: ml_collections.ConfigDict) -> dict:
     for name in ('margin', 'chosen_reward', 'rejected_reward'):
       metrics[f'{channel}_{name}'] = _mean(stats[f'{channel}_{name}'], present)
     metrics[f'{channel}_accuracy'] = _mean(stats[f'{channel}_margin'] > 0, present)
+    metrics[f'{channel}_likelihood_accuracy'] = _mean(stats[f'{channel}_logp_margin'] > 0,
+                                                      present)
   for task_id, task in enumerate(dpo_cfg.tasks):
     of_task = stats['task_ids'] == task_id
     metrics.update({f'{task}/loss': _mean(stats['loss'], of_task),

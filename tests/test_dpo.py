@@ -60,6 +60,8 @@ def numpy_dpo(logits: dict, targets: dict, task_ids: np.ndarray, cfg) -> dict:
       weights[c] = w if has else 0.0
     total = sum(weights.values()) or 1.0  # an empty row has weight 0 in every mean
     rows.append(dict(task=task, weight=cfg.task_weights[task] if task >= 0 else 0.0,
+                     prefers={c: lp['policy', 'chosen', c][i] > lp['policy', 'rejected', c][i]
+                              for c in channels},
                      loss=sum(weights[c] * losses[c] for c in channels) / total,
                      margin=sum(weights[c] * margins[c] for c in channels) / total,
                      channel_margin=margins, has={c: weights[c] > 0 for c in channels}))
@@ -75,6 +77,7 @@ def numpy_dpo(logits: dict, targets: dict, task_ids: np.ndarray, cfg) -> dict:
     with_c = [r['channel_margin'][c] for r in real if r['has'][c]]
     expected[f'{c}_margin'] = np.mean(with_c)
     expected[f'{c}_accuracy'] = np.mean([m > 0 for m in with_c])
+    expected[f'{c}_likelihood_accuracy'] = np.mean([r['prefers'][c] for r in real if r['has'][c]])
   for t, task in enumerate(cfg.tasks):
     of_task = [r for r in rows if r['task'] == t]
     expected[f'{task}/pairs'] = len(of_task)
@@ -117,6 +120,7 @@ def test_loss_and_metrics_match_a_numpy_derivation(tiny_config):
                           cfg)
   expected = numpy_dpo(logits, targets, task_ids, cfg)
   assert 0 < expected['accuracy'] < 1 and 0 < expected['text_accuracy'] < 1
+  assert 0 < expected['text_likelihood_accuracy'] < 1
   for name, value in expected.items():
     np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
   assert float(metrics['pairs']) == 5 and float(metrics['voice_empathy/pairs']) == 0
@@ -345,7 +349,7 @@ def test_dpo_steps_raise_the_preference_accuracy(prepared, model_and_steps):
   assert sum(after[f'{task}/pairs'] for task in cfg.dpo.tasks) == 7
 
 
-def test_demo_corpus_pairs_ask_held_out_questions_in_noise(tmp_path):
+def test_demo_corpus_pairs_ask_known_questions_in_new_voices_and_noise(tmp_path):
   corpus = synth.plan(30, 12, seed=0, with_piper=False, num_pref_train=40, num_pref_eval=20)
   questions = {}
   for split, pairs in corpus.preferences.items():
@@ -361,10 +365,9 @@ def test_demo_corpus_pairs_ask_held_out_questions_in_noise(tmp_path):
       assert user.noise in synth.NOISE_KINDS and 5 <= user.snr_db <= 15
       assert user.voice in corpus.user_voices[split]
       assert (chosen.text, rejected.text) == (f'{meta["answer"]}.', f'{meta["wrong_answer"]}.')
-  assert not questions['train'] & questions['validation']
-  held_out_facts = {q for q, _ in synth.FACTS} & questions['validation']
-  assert held_out_facts and not held_out_facts & {
-      c['turns'][0]['text'] for c, _ in corpus.conversations['train']}
+  train_items = {r['turns'][0]['text'] for r in corpus.text_facts if r['meta']['split'] == 'train'}
+  assert questions['train'] | questions['validation'] <= train_items
+  assert not set(corpus.user_voices['train']) & set(corpus.user_voices['validation'])
 
   # The noise is mixed in at the planned SNR (PCM_16 rounding and clipping aside).
   summary = synth.synthesise(str(tmp_path), 0, 0, seed=0, use_piper='off', num_pref_train=2,

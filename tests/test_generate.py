@@ -30,18 +30,6 @@ def test_greedy_speech_to_speech_reproduces_official(golden_generation):
   jax.tree.map(np.testing.assert_array_equal, out, again)
 
 
-def left_pad(examples, cfg, num_windows):
-  """Left-padded prompt batch from formatted conversations of different lengths."""
-  length = max(len(e['input_ids']) for e in examples)
-  rows = []
-  for e in examples:
-    pad = length - len(e['input_ids'])
-    row = conversation.pack([[e]], len(e['input_ids']), num_windows, cfg)
-    rows.append({k: (np.concatenate([np.zeros((1, pad) + v.shape[2:], v.dtype), v], axis=1)
-                     if k not in ('mel', 'mel_lengths') else v) for k, v in row.items()})
-  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-
-
 def test_rows_of_a_padded_batch_generate_as_alone(tiny_config):
   cfg = tiny_config.model
   rng = np.random.default_rng(3)
@@ -55,9 +43,10 @@ def test_rows_of_a_padded_batch_generate_as_alone(tiny_config):
   graphdef, state = nnx.split(fun_audio_chat.create(cfg, seed=2))
   params = nnx.to_pure_dict(state)
   fn = generate.make_generate_fn(graphdef, cfg, greedy(6))
-  together = jax.device_get(fn(params, prompt_of(left_pad(examples, cfg, num_windows)), KEY))
+  together = jax.device_get(fn(params, conversation.prompt_batch(examples, cfg), KEY))
   for row, example in enumerate(examples):
-    alone = jax.device_get(fn(params, prompt_of(left_pad([example], cfg, num_windows)), KEY))
+    alone = jax.device_get(fn(params, conversation.prompt_batch([example], cfg,
+                                                                num_windows=num_windows), KEY))
     for key in together:
       np.testing.assert_array_equal(together[key][row], alone[key][0], err_msg=key)
 

@@ -159,3 +159,21 @@ def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
       pad = [(0, target - len(value))] + [(0, 0)] * (value.ndim - 1)
       batch[name].append(np.pad(value, pad, constant_values=fill.get(name, 0)))
   return {name: np.stack(values) for name, values in batch.items()}
+
+
+def prompt_batch(examples: list[dict], cfg: ml_collections.ConfigDict, prompt_len: int | None = None,
+                 num_windows: int | None = None) -> dict:
+  """Generation prompts (fac_jax.generate): one formatted conversation a row, left-padded to
+  `prompt_len` positions (default: the longest), mel windows padded to `num_windows`; no targets."""
+  prompt_len = prompt_len or max(len(e['input_ids']) for e in examples)
+  num_windows = num_windows or max(len(e['mel_lengths']) for e in examples)
+  fill = {'input_ids': cfg.tokens.endoftext, 'speech_codes': cfg.speech.pad_id,
+          'continuous_frames': -1}
+  rows = []
+  for example in examples:
+    row = pack([[example]], len(example['input_ids']), num_windows, cfg)
+    pad = prompt_len - len(example['input_ids'])
+    rows.append({name: value if name in ('mel', 'mel_lengths') else np.concatenate(
+        [np.full((1, pad) + value.shape[2:], fill.get(name, 0), value.dtype), value], axis=1)
+                 for name, value in row.items() if not name.endswith('targets')})
+  return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}

@@ -14,7 +14,7 @@ writes
   DIR/prefs_train.jsonl    preference pairs (fac_jax.data.preference, task correct_answer): a spoken
                            question in noise, the right answer chosen, a plausible wrong one
                            rejected, both spoken by the assistant
-  DIR/prefs_validation.jsonl  the same with the validation split's voices and items
+  DIR/prefs_validation.jsonl  the same, held out: spoken by the validation split's voices
   DIR/corpus.txt           every text string of the manifests, one a line, for the tokenizer
   DIR/summary.json         counts per split, task and voice, seconds of audio, engines used
 
@@ -26,8 +26,10 @@ fixed espeak-ng voice without piper. Conversation meta: voice, engine, speed (es
 minute, or piper's rate factor) and pitch of the user's speech; assistant_voice and
 assistant_engine of a spoken answer; kind (arithmetic or fact) and answer for spoken_qa.
 
-Preference pairs ask spoken_qa's questions (same held-out voices and items) with white or babble
-noise (four tone-speech talkers) mixed in at 5 to 15 dB SNR. The wrong answer is the right number
+Preference pairs ask train's spoken_qa questions (facts and sums the speech model is taught) with
+white or babble noise (four tone-speech talkers) mixed in at 5 to 15 dB SNR; the held-out pairs are
+spoken by voices train never hears, so they measure robustness to new speakers in noise rather than
+knowledge the model never had. The wrong answer is the right number
 off by one, or else the answer of the fact whose question shares the most leading words (another
 colour, another capital). Pair meta adds noise, snr_db and wrong_answer.
 """
@@ -376,7 +378,8 @@ def plan(num_train: int, num_eval: int, seed: int, with_piper: bool, num_pref_tr
     split_items = {kind: items[split] for kind, items in qa_items.items()}
     conversations[split] = _plan_split(split, counts[split], seed, split_items, voices[split],
                                        piper_share, assistant)
-    preferences[split] = _plan_preferences(split, pair_counts[split], seed, split_items,
+    train_items = {kind: items['train'] for kind, items in qa_items.items()}
+    preferences[split] = _plan_preferences(split, pair_counts[split], seed, train_items,
                                            voices[split], piper_share, assistant)
   return Plan(conversations, _text_facts(qa_items), voices, assistant, preferences)
 
