@@ -1,0 +1,196 @@
+"""Converts CosyVoice 3's released detokenizer files to fac_jax folders (torch only to read them).
+
+  python -m fac_jax.speech.convert_cosyvoice --flow=flow.pt [--flow_config=flow.json] --out=DIR
+
+DIR/flow/ gets config.json and model.safetensors (with its index): the weights in fac_jax's
+layout, named by module path, plus `rand_noise`, the flow's fixed starting noise, which the
+reference draws in its constructor (torch.manual_seed(0); torch.randn(1, 80, 15000)) and does
+not store; load it with fac_jax.speech.flow.load(DIR/flow). The `.pt` files are read with
+torch.load(weights_only=True), never unpickled freely; a missing, extra or misshapen tensor is
+refused by name before anything is written (CosyVoice loads flow.pt with strict=True and no
+renaming; only its HiFT loader strips a `generator.` prefix). --flow_config is the flow section of
+cosyvoice3.yaml as JSON (the layout of the tiny fixture's config.json); without it the released
+Fun-CosyVoice3-0.5B-2512 sizes are assumed, and the tensors must match them.
+"""
+
+import json
+import os
+import shutil
+
+from absl import app, flags
+from flax import nnx
+import numpy as np
+
+from fac_jax import safetensors_io
+from fac_jax.speech import flow as flow_lib
+
+FLOW_NOISE_SEED = 0
+
+# fac_jax module path -> CosyVoice state-dict name; the leaves map kernel -> weight, bias -> bias.
+_FLOW_MODULES = {
+    'spk_affine': 'spk_embed_affine_layer',
+    'pre_lookahead.conv1': 'pre_lookahead_layer.conv1',
+    'pre_lookahead.conv2': 'pre_lookahead_layer.conv2',
+    'estimator.time_in': 'decoder.estimator.time_embed.time_mlp.0',
+    'estimator.time_out': 'decoder.estimator.time_embed.time_mlp.2',
+    'estimator.input_proj': 'decoder.estimator.input_embed.proj',
+    'estimator.position_conv1': 'decoder.estimator.input_embed.conv_pos_embed.conv1.0',
+    'estimator.position_conv2': 'decoder.estimator.input_embed.conv_pos_embed.conv2.0',
+    'estimator.final_modulation': 'decoder.estimator.norm_out.linear',
+    'estimator.proj_out': 'decoder.estimator.proj_out',
+}
+_FLOW_BLOCK_MODULES = {
+    'modulation': 'attn_norm.linear', 'q': 'attn.to_q', 'k': 'attn.to_k', 'v': 'attn.to_v',
+    'out': 'attn.to_out.0', 'ff_in': 'ff.ff.0.0', 'ff_out': 'ff.ff.2',
+}
+_FLOW_PLAIN = {
+    'input_embedding.embedding': 'input_embedding.weight',
+    'estimator.inv_freq': 'decoder.estimator.rotary_embed.inv_freq',
+}
+
+
+class ConversionError(ValueError):
+  """A checkpoint that is not exactly the tensors the model needs."""
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A torch state dict as float32 NumPy arrays, loaded with weights_only=True."""
+  import torch  # only the converter needs torch
+  state = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(state, dict):
+    raise ConversionError(f'{path}: holds a {type(state).__name__}, not a state dict')
+  arrays = {}
+  for name, tensor in state.items():
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+      raise ConversionError(f'{path}: entry {name!r} is not a floating-point tensor')
+    arrays[name] = tensor.detach().to(torch.float32).numpy()
+  return arrays
+
+
+def check_tensors(path: str, found: dict[str, np.ndarray],
+                  expected: dict[str, tuple[int, ...]]) -> None:
+  """Refuses, naming the tensor and the file, anything but exactly the expected names and shapes."""
+  missing = sorted(set(expected) - set(found))
+  if missing:
+    raise ConversionError(f'{path}: missing tensor {missing[0]!r} (expected shape '
+                          f'{expected[missing[0]]}; {len(missing)} missing in all)')
+  extra = sorted(set(found) - set(expected))
+  if extra:
+    raise ConversionError(f'{path}: unexpected tensor {extra[0]!r} of shape '
+                          f'{tuple(found[extra[0]].shape)} ({len(extra)} unexpected in all)')
+  for name, shape in expected.items():
+    if tuple(found[name].shape) != tuple(shape):
+      raise ConversionError(f'{path}: tensor {name!r} has shape {tuple(found[name].shape)}, '
+                            f'expected {tuple(shape)}')
+
+
+def _torch_layout(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Linear kernels are (in, out) here and (out, in) in torch; conv kernels (taps, in, out) here
+  and (out, in, taps) there: both are the reversed axes."""
+  return tuple(reversed(shape)) if name.endswith('kernel') else tuple(shape)
+
+
+def flow_tensor_names(cfg: flow_lib.FlowConfig) -> dict[str, tuple[str, int | None]]:
+  """CosyVoice state-dict name -> (fac_jax array name, block index or None) for every tensor of
+  flow.pt at these sizes."""
+  names = {}
+  for ours, theirs in _FLOW_PLAIN.items():
+    names[theirs] = (ours, None)
+  for ours, theirs in _FLOW_MODULES.items():
+    names[f'{theirs}.weight'] = (f'{ours}.kernel', None)
+    names[f'{theirs}.bias'] = (f'{ours}.bias', None)
+  for block in range(cfg.depth):
+    for ours, theirs in _FLOW_BLOCK_MODULES.items():
+      prefix = f'decoder.estimator.transformer_blocks.{block}.{theirs}'
+      names[f'{prefix}.weight'] = (f'estimator.blocks.{ours}.kernel', block)
+      names[f'{prefix}.bias'] = (f'estimator.blocks.{ours}.bias', block)
+  return names
+
+
+def flow_noise_table(frames: int) -> np.ndarray:
+  """The reference's fixed starting noise, (frames, 80) time-major: torch.manual_seed(0);
+  torch.randn(1, 80, frames), drawn on its own generator."""
+  import torch
+  generator = torch.Generator().manual_seed(FLOW_NOISE_SEED)
+  noise = torch.randn(1, flow_lib.MEL_DIM, frames, generator=generator)
+  return noise[0].T.contiguous().numpy()
+
+
+def flow_arrays(path: str, cfg: flow_lib.FlowConfig) -> dict[str, np.ndarray]:
+  """flow.pt -> fac_jax arrays by module path (rand_noise included), checked exactly."""
+  shapes = {'.'.join(map(str, p)): tuple(v.get_value().shape) for p, v in
+            nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: flow_lib.create(cfg))))}
+  names = flow_tensor_names(cfg)
+  expected = {theirs: _torch_layout(ours, shapes[ours][1:] if block is not None else shapes[ours])
+              for theirs, (ours, block) in names.items()}
+  found = read_state_dict(path)
+  check_tensors(path, found, expected)
+  arrays = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+  for theirs, (ours, block) in names.items():
+    value = found[theirs].T if ours.endswith('kernel') else found[theirs]
+    if block is None:
+      arrays[ours] = value
+    else:
+      arrays[ours][block] = value
+  arrays['rand_noise'] = flow_noise_table(cfg.noise_frames)
+  return arrays
+
+
+def read_flow_config(path: str | None) -> flow_lib.FlowConfig:
+  if path is None:
+    return flow_lib.FlowConfig()
+  with open(path, encoding='utf-8') as f:
+    return flow_lib.FlowConfig.from_cosyvoice(json.load(f), path)
+
+
+def write_folder(out: str, arrays: dict[str, np.ndarray], config_json: str) -> str:
+  """Writes config.json and the arrays as float32 safetensors to `out` (which must not exist),
+  complete or not at all."""
+  if os.path.exists(out):
+    raise FileExistsError(f'{out} exists; refusing to overwrite it')
+  partial = out.rstrip('/') + '.incomplete'
+  shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted conversion
+  os.makedirs(partial)
+  names = sorted(arrays)
+  shards = safetensors_io.plan_shards(((n, arrays[n].shape, np.float32) for n in names), 1 << 62)
+  safetensors_io.write_sharded(partial, shards, (arrays[n] for n in names))
+  with open(os.path.join(partial, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(config_json)
+  os.rename(partial, out)
+  return out
+
+
+def convert_flow(flow_path: str, out: str, config_path: str | None = None) -> str:
+  """flow.pt -> the folder `out` (must not exist), loadable with fac_jax.speech.flow.load."""
+  cfg = read_flow_config(config_path)
+  return write_folder(out, flow_arrays(flow_path, cfg), cfg.to_json())
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when this module is the program (it is also a library)."""
+  flags.DEFINE_string('flow', None, "CosyVoice 3's flow.pt.")
+  flags.DEFINE_string('flow_config', None, 'The flow section of cosyvoice3.yaml as JSON (default: '
+                      'the released sizes).')
+  flags.DEFINE_string('out', None, 'Output folder; each model goes to a subfolder that must not '
+                      'exist.', required=True)
+
+
+def main(argv):
+  del argv
+  converted = []
+  if flags.FLAGS.flow:
+    converted.append(convert_flow(flags.FLAGS.flow, os.path.join(flags.FLAGS.out, 'flow'),
+                                  flags.FLAGS.flow_config))
+  if not converted:
+    raise app.UsageError('nothing to convert: pass --flow')
+  print('wrote ' + ', '.join(converted))
+
+
+def run():
+  """Console-script entry point."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
