@@ -1,6 +1,7 @@
 """Converts CosyVoice 3's released detokenizer files to fac_jax folders (torch only to read them).
 
   python -m fac_jax.speech.convert_cosyvoice --flow=flow.pt [--flow_config=flow.json] --out=DIR
+  python -m fac_jax.speech.convert_cosyvoice --hift=hift.pt [--hift_config=hift.json] --out=DIR
 
 DIR/flow/ gets config.json and model.safetensors (with its index): the weights in fac_jax's
 layout, named by module path, plus `rand_noise`, the flow's fixed starting noise, which the
@@ -11,10 +12,17 @@ refused by name before anything is written (CosyVoice loads flow.pt with strict=
 renaming; only its HiFT loader strips a `generator.` prefix). --flow_config is the flow section of
 cosyvoice3.yaml as JSON (the layout of the tiny fixture's config.json); without it the released
 Fun-CosyVoice3-0.5B-2512 sizes are assumed, and the tensors must match them.
+
+DIR/hift/ gets the vocoder the same way (fac_jax.speech.hift.load), its weight norm folded
+(w = g v / ||v||), plus the fixed tables `sine_waves` (300 s x 9, uniform) and `rand_ini` that the
+reference draws at construction: the converter replays that draw with torch, which depends on the
+flow's sizes (--flow_config) as well. --hift_config is the hift section of cosyvoice3.yaml as
+JSON.
 """
 
 import json
 import os
+import re
 import shutil
 
 from absl import app, flags
@@ -23,6 +31,7 @@ import numpy as np
 
 from fac_jax import safetensors_io
 from fac_jax.speech import flow as flow_lib
+from fac_jax.speech import hift as hift_lib
 
 FLOW_NOISE_SEED = 0
 
@@ -166,10 +175,107 @@ def convert_flow(flow_path: str, out: str, config_path: str | None = None) -> st
   return write_folder(out, flow_arrays(flow_path, cfg), cfg.to_json())
 
 
+def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """torch's weight-norm parametrization (dim 0): w = g v / ||v||, the norm over all axes but 0."""
+  norm = np.sqrt(np.sum(np.square(v, dtype=np.float64), axis=tuple(range(1, v.ndim)),
+                        keepdims=True))
+  return (v * (g / norm)).astype(np.float32)
+
+
+def hift_tensor_names(model: hift_lib.CausalHiFT) -> dict[str, str]:
+  """CosyVoice state-dict name (weight norm folded) -> fac_jax array name, for every weight of
+  hift.pt; the F0 predictor's convs are every other entry of its nn.Sequential (ELUs between)."""
+  names = {}
+  for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    ours = '.'.join(map(str, path))
+    theirs = re.sub(r'condnet\.(\d+)', lambda m: f'condnet.{2 * int(m.group(1))}', ours)
+    names[re.sub(r'kernel$', 'weight', theirs)] = ours
+  return names
+
+
+def _hift_weight_normed(name: str, ndim: int) -> bool:
+  """Every conv of the reference is weight-normed except the source downsamplers."""
+  return ndim == 3 and not name.startswith('source_downs.')
+
+
+def hift_noise_tables(cfg: hift_lib.HiftConfig,
+                      flow_cfg: flow_lib.FlowConfig) -> tuple[np.ndarray, np.ndarray]:
+  """The HiFT's fixed tables, `sine_waves` (300 s x 9) and `rand_ini` (9,), as the reference draws
+  them: after the flow's CFM constructor reseeds torch to 0 and draws rand_noise, the flow builds
+  its token embedding and speaker Linear, then the HiFT its F0 predictor (5 convs, a Linear) and
+  SineGen2 (rand_ini, then sine_waves). Modules of the same shapes make the same draws, so this
+  replays that order on a forked copy of torch's global generator."""
+  import torch
+  channels = cfg.f0_cond_channels
+  with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(FLOW_NOISE_SEED)
+    torch.randn(1, flow_lib.MEL_DIM, flow_cfg.noise_frames)
+    torch.nn.Embedding(flow_cfg.vocab_size, flow_lib.MEL_DIM)
+    torch.nn.Linear(flow_cfg.spk_embed_dim, flow_lib.MEL_DIM)
+    torch.nn.Conv1d(cfg.in_channels, channels, hift_lib.F0_LOOKAHEAD + 1)
+    for _ in range(4):
+      torch.nn.Conv1d(channels, channels, 3)
+    torch.nn.Linear(channels, 1)
+    rand_ini = torch.rand(1, cfg.nb_harmonics + 1)
+    rand_ini[:, 0] = 0
+    sine_waves = torch.rand(1, cfg.noise_samples, cfg.nb_harmonics + 1)
+  return sine_waves[0].numpy(), rand_ini[0].numpy()
+
+
+def hift_weights(path: str, cfg: hift_lib.HiftConfig) -> dict[str, np.ndarray]:
+  """hift.pt -> fac_jax weights by module path, weight norm folded, after checking that the file
+  holds exactly the expected tensors (a `generator.` prefix is dropped, as CosyVoice's loader
+  does)."""
+  model = nnx.eval_shape(lambda: hift_lib.create(cfg))
+  shapes = {'.'.join(map(str, p)): tuple(v.get_value().shape)
+            for p, v in nnx.to_flat_state(nnx.state(model))}
+  names = hift_tensor_names(model)
+  expected, sources = {}, {}  # sources: fac_jax name -> its tensors in the file, (g, v) if normed
+  for theirs, ours in names.items():
+    shape = _torch_layout(ours, shapes[ours])
+    if _hift_weight_normed(theirs, len(shape)):
+      stem = theirs.removesuffix('weight') + 'parametrizations.weight.'
+      sources[ours] = (stem + 'original0', stem + 'original1')
+      expected[stem + 'original0'] = (shape[0],) + (1,) * (len(shape) - 1)
+      expected[stem + 'original1'] = shape
+    else:
+      sources[ours] = (theirs,)
+      expected[theirs] = shape
+  found = {name.removeprefix('generator.'): value
+           for name, value in read_state_dict(path).items()}
+  check_tensors(path, found, expected)
+  weights = {}
+  for ours, parts in sources.items():
+    value = fold_weight_norm(*(found[p] for p in parts)) if len(parts) == 2 else found[parts[0]]
+    weights[ours] = value.T if ours.endswith('kernel') else value
+  return weights
+
+
+def read_hift_config(path: str | None) -> hift_lib.HiftConfig:
+  if path is None:
+    return hift_lib.HiftConfig()
+  with open(path, encoding='utf-8') as f:
+    return hift_lib.HiftConfig.from_cosyvoice(json.load(f), path)
+
+
+def convert_hift(hift_path: str, out: str, config_path: str | None = None,
+                 flow_config_path: str | None = None) -> str:
+  """hift.pt -> the folder `out` (must not exist), loadable with fac_jax.speech.hift.load. The
+  flow's sizes (flow_config_path, default the released ones) enter the replay of the tables."""
+  cfg = read_hift_config(config_path)
+  arrays = hift_weights(hift_path, cfg)
+  arrays['m_source.sine_waves'], arrays['m_source.rand_ini'] = hift_noise_tables(
+      cfg, read_flow_config(flow_config_path))
+  return write_folder(out, arrays, cfg.to_json())
+
+
 def _define_flags() -> None:
   """Command-line flags, defined only when this module is the program (it is also a library)."""
   flags.DEFINE_string('flow', None, "CosyVoice 3's flow.pt.")
   flags.DEFINE_string('flow_config', None, 'The flow section of cosyvoice3.yaml as JSON (default: '
+                      'the released sizes).')
+  flags.DEFINE_string('hift', None, "CosyVoice 3's hift.pt.")
+  flags.DEFINE_string('hift_config', None, 'The hift section of cosyvoice3.yaml as JSON (default: '
                       'the released sizes).')
   flags.DEFINE_string('out', None, 'Output folder; each model goes to a subfolder that must not '
                       'exist.', required=True)
@@ -181,8 +287,11 @@ def main(argv):
   if flags.FLAGS.flow:
     converted.append(convert_flow(flags.FLAGS.flow, os.path.join(flags.FLAGS.out, 'flow'),
                                   flags.FLAGS.flow_config))
+  if flags.FLAGS.hift:
+    converted.append(convert_hift(flags.FLAGS.hift, os.path.join(flags.FLAGS.out, 'hift'),
+                                  flags.FLAGS.hift_config, flags.FLAGS.flow_config))
   if not converted:
-    raise app.UsageError('nothing to convert: pass --flow')
+    raise app.UsageError('nothing to convert: pass --flow and/or --hift')
   print('wrote ' + ', '.join(converted))
 
 
