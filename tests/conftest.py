@@ -31,6 +31,26 @@ def run_on_host_devices(script_name: str, devices: int = 8, args: tuple = ()) ->
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_notebook(path: str) -> dict:
+  """Runs a notebook's code cells top to bottom in its folder (shell and magic lines skipped);
+  returns the namespace they ran in."""
+  import json
+  with open(path) as f:
+    cells = [c for c in json.load(f)['cells'] if c['cell_type'] == 'code']
+  assert cells, f'{path} has no code cells'
+  namespace = {}
+  cwd = os.getcwd()
+  os.chdir(os.path.dirname(path))
+  try:
+    for i, cell in enumerate(cells):
+      source = ''.join(line for line in cell['source']
+                       if not line.lstrip().startswith(('!', '%')))
+      exec(compile(source, f'{os.path.basename(path)} cell {i}', 'exec'), namespace)
+  finally:
+    os.chdir(cwd)
+  return namespace
+
+
 @pytest.fixture
 def tiny_config():
   return config_lib.load(os.path.join(REPO, 'configs', 'tiny.py'))

@@ -1,0 +1,108 @@
+"""The main job end to end at a reduced size: every stage runs, every output exists and its metrics
+are finite and in range; a rerun resumes without redoing anything; a held-out question set checks
+the scoring against hand-built answers."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fac_jax import pipeline, spoken_eval
+from fac_jax.data import speech_tokenizer
+
+from conftest import run_notebook
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  from fac_jax import config as config_lib
+  cfg = pipeline.smoke(config_lib.load(os.path.join(REPO, 'configs', 'tiny.py')))
+  workdir = str(tmp_path_factory.mktemp('pipeline'))
+  return cfg, workdir, pipeline.run_pipeline(cfg, workdir)
+
+
+def test_every_stage_leaves_its_outputs(finished):
+  cfg, workdir, out = finished
+  for name, path in pipeline.MODELS.items():
+    assert os.path.exists(os.path.join(workdir, path, 'config.json')), name
+  for stage in ('base', 'prealign', 'cocktail/stage1', 'cocktail/stage2', 'dpo'):
+    assert os.path.getsize(os.path.join(workdir, stage, 'loss_curves.png')) > 1000, stage
+  for name in ('stages.png', 'merge_sweep/merge_study.png', 'merge_sweep/merge_study.csv'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 100, name
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert report == out['report']
+  assert all(f'| {name} |' in report for name in pipeline.MODELS)
+  samples = sorted(os.listdir(os.path.join(workdir, 'samples')))
+  assert len(samples) == 2 * cfg.pipeline.samples
+  for name in samples:
+    waveform, rate = sf.read(os.path.join(workdir, 'samples', name))
+    assert rate == 16000 and len(waveform) > 0 and np.isfinite(waveform).all(), name
+
+
+def test_metrics_are_finite_and_in_range(finished):
+  cfg, _, out = finished
+  for name, result in out['results'].items():
+    metrics = result['metrics']
+    for key in ('transcription/wer', 'spoken_qa/accuracy', 'spoken_qa/speech_accuracy',
+                'spoken_qa/speech_ceiling', 'correct_answer/accuracy', 'text_qa/accuracy',
+                'speech_eval/loss', 'facts_eval/text_loss', 'preference/accuracy',
+                'preference/text_likelihood_accuracy'):
+      assert math.isfinite(metrics[key]), (name, key)
+    for key, value in metrics.items():
+      if key.endswith('accuracy') or key.endswith('ceiling'):
+        assert 0 <= value <= 1, (name, key)
+    assert metrics['transcription/wer'] >= 0 and metrics['speech_eval/loss'] > 0
+    assert metrics['spoken_qa/questions'] == cfg.pipeline.eval_questions
+    assert len(result['answers']) == 4 * cfg.pipeline.eval_questions
+  # Against itself, the reference's DPO margins are exactly zero.
+  assert out['results']['stage2']['metrics']['preference/margin'] == 0
+  assert out['results']['stage2']['metrics']['preference/accuracy'] == 0
+
+
+def test_a_rerun_resumes_without_redoing_anything(finished, capsys):
+  cfg, workdir, out = finished
+  before = {path: os.path.getmtime(os.path.join(workdir, path, 'config.json'))
+            for path in pipeline.MODELS.values()}
+  again = pipeline.run_pipeline(cfg, workdir)
+  printed = capsys.readouterr().out
+  assert 'step ' not in printed  # no training step ran
+  assert before == {path: os.path.getmtime(os.path.join(workdir, path, 'config.json'))
+                    for path in pipeline.MODELS.values()}
+  assert again['results'] == out['results']
+
+
+def test_quick_start_notebook_shows_the_report_and_samples(finished, monkeypatch, capsys):
+  _, workdir, out = finished
+  monkeypatch.setenv('FAC_JAX_SMOKE', '1')
+  monkeypatch.setenv('FAC_JAX_WORKDIR', workdir)
+  namespace = run_notebook(os.path.join(REPO, 'notebooks', 'quick_start.ipynb'))
+  assert 'step ' not in capsys.readouterr().out  # it resumed the finished run
+  assert namespace['result']['report'] == out['report']
+  assert len(namespace['samples']) == 4
+
+
+def test_scoring_against_hand_built_answers(finished):
+  _, workdir, _ = finished
+  data_dir = os.path.join(workdir, 'prepared')
+  tokenizer_file = os.path.join(data_dir, 'speech_tokenizer.npz')
+  detokenizer = speech_tokenizer.GriffinLimDetokenizer.load(tokenizer_file)
+  asked = [spoken_eval.Question('a', 'spoken_qa', {}, 'twenty one', None, 'm:1'),
+           spoken_eval.Question('b', 'spoken_qa', {}, 'paris', None, 'm:2'),
+           spoken_eval.Question('c', 'transcription', {}, 'the cat sat', None, 'm:3'),
+           spoken_eval.Question('d', 'transcription', {}, 'a dog ran far', None, 'm:4')]
+  empty = np.zeros(0, np.int64)
+  answers = [{'text': 'Twenty-one.', 'codes': empty}, {'text': 'london', 'codes': empty},
+             {'text': 'the cat sat', 'codes': empty}, {'text': 'a dog far away', 'codes': empty}]
+  result = spoken_eval.score(asked, answers, None, detokenizer)
+  assert result['metrics']['spoken_qa/accuracy'] == 0.5
+  # 'a dog ran far' -> 'a dog far away': one deletion and one insertion over 7 reference words.
+  assert result['metrics']['transcription/wer'] == pytest.approx(2 / 7)
+  assert [r['right'] for r in result['answers']] == [True, False, True, False]
+  baseline = spoken_eval.majority_baseline(asked)
+  assert baseline['spoken_qa/accuracy'] == 0.5
+  json.dumps(result)
