@@ -2,8 +2,13 @@
 comes) and speech (a wav written through a speech detokenizer).
 
   python -m fac_jax.chat --ckpt=CKPT --audio=question.wav [--out=answer.wav] [--mode=s2s|s2t]
-      [--stream] [--detokenizer=speech_tokenizer.npz] [--max_new_tokens=256] [--greedy]
+      [--stream] [--detokenizer=DIR|speech_tokenizer.npz] [--max_new_tokens=256] [--greedy]
       [--text="typed question"] [--history=turns.json]
+
+--detokenizer is a CosyVoice 3 folder written by fac_jax.speech.convert_cosyvoice (flow, HiFT
+and speaker: the released model's voice, 24 kHz; --stream vocodes with real caches under the
+flow's chunk mask, otherwise the whole answer at once as Fun-Audio-Chat does) or a k-means speech
+tokenizer .npz (its Griffin-Lim detokenizer, 16 kHz).
 
 --history is a JSON list of earlier turns, {"user": "typed text" or {"audio": "path.wav"},
 "assistant": "its answer's text"}; as in the official multi-turn example, earlier answers come
@@ -21,8 +26,9 @@ import soundfile
 from flax import nnx
 
 from fac_jax import checkpoint, generate, sampling, streaming, tokenizer
-from fac_jax.data import audio, conversation, speech_tokenizer
+from fac_jax.data import audio, conversation
 from fac_jax.model import fun_audio_chat
+from fac_jax.speech import detokenizer as detokenizer_lib
 
 SYSTEM_PROMPTS = {
     's2s': 'You are asked to generate both text and speech tokens at the same time.',
@@ -37,8 +43,9 @@ flags.DEFINE_string('history', None, 'JSON file of earlier turns (see the module
 flags.DEFINE_string('out', None, 's2s: where to write the spoken answer (wav).')
 flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.')
 flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
-flags.DEFINE_string('detokenizer', None, 'Speech tokenizer file (.npz) whose Griffin-Lim '
-                    'detokenizer turns codes into audio.')
+flags.DEFINE_string('detokenizer', None, 'Turns codes into audio: a converted CosyVoice 3 '
+                    'folder (fac_jax.speech.convert_cosyvoice), or a k-means speech tokenizer '
+                    '.npz (Griffin-Lim).')
 flags.DEFINE_integer('max_new_tokens', 256, 'Text tokens to generate at most (5 per second).')
 flags.DEFINE_float('max_audio_seconds', 300.0, 'Longest question accepted.')
 flags.DEFINE_bool('greedy', False, 'Greedy text (the official examples); speech is sampled.')
@@ -120,8 +127,9 @@ def main(argv):
     detokenizer = None
     if FLAGS.mode == 's2s' and FLAGS.out:
       if not FLAGS.detokenizer:
-        raise ChatError('--out needs --detokenizer (a speech tokenizer .npz) to make audio')
-      detokenizer = speech_tokenizer.GriffinLimDetokenizer.load(FLAGS.detokenizer)
+        raise ChatError('--out needs --detokenizer (a CosyVoice folder or a speech tokenizer '
+                        '.npz) to make audio')
+      detokenizer = detokenizer_lib.load(FLAGS.detokenizer)
       if detokenizer.vocab_size > cfg.speech.bos_id:
         raise ChatError(f'{FLAGS.detokenizer} has {detokenizer.vocab_size} codes; the model '
                         f'speaks {cfg.speech.bos_id}')

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from fac_jax import generate
+from fac_jax.data import speech_tokenizer
 
 
 @dataclasses.dataclass
@@ -43,16 +44,18 @@ def stream(graphdef: nnx.GraphDef, params, prompt: dict, cfg: ml_collections.Con
 
 
 class SpeechChunker:
-  """Turns a stream of speech codes into audio chunks: every `hop` codes once `lookahead` more
-  have arrived (the detokenizer's right context), and the rest at `finish`.
-
-  The detokenizer needs `decode(codes) -> waveform`, `sample_rate` and `lookahead`; codes outside
-  [0, num_codes) (bos delay groups, eos) are dropped.
+  """Turns a stream of speech codes into audio chunks. A detokenizer with a streaming session of
+  its own (speech_tokenizer.StreamingSpeechDetokenizer, e.g. CosyVoice's: caches, no re-decoding)
+  gets the codes as they come and returns audio as it completes it; any other is asked to
+  `decode` every `hop` codes once `lookahead` more have arrived (its right context), and the rest
+  at `finish`. Codes outside [0, num_codes) (bos delay groups, eos) are dropped.
   """
 
   def __init__(self, detokenizer, num_codes: int, hop: int = 15, frame_rate: int = 25):
     self.detokenizer, self.num_codes, self.hop = detokenizer, num_codes, hop
     self.samples_per_code = detokenizer.sample_rate // frame_rate
+    streams = isinstance(detokenizer, speech_tokenizer.StreamingSpeechDetokenizer)
+    self.session = detokenizer.stream() if streams else None
     self.codes: list[int] = []
     self.emitted = 0  # codes already turned into audio
 
@@ -63,11 +66,18 @@ class SpeechChunker:
     return audio
 
   def push(self, codes) -> list[np.ndarray]:
-    self.codes += [int(c) for c in np.ravel(codes) if 0 <= c < self.num_codes]
+    new = [int(c) for c in np.ravel(codes) if 0 <= c < self.num_codes]
+    if self.session is not None:
+      audio = self.session.push(np.asarray(new, np.int64))
+      return [audio] if len(audio) else []
+    self.codes += new
     chunks = []
     while len(self.codes) >= self.emitted + self.hop + self.detokenizer.lookahead:
       chunks.append(self._chunk(self.emitted + self.hop))
     return chunks
 
   def finish(self) -> list[np.ndarray]:
+    if self.session is not None:
+      audio = self.session.finish()
+      return [audio] if len(audio) else []
     return [self._chunk(len(self.codes))] if len(self.codes) > self.emitted else []

@@ -184,7 +184,7 @@ def test_streaming_is_a_prefix_of_offline(model, ref):
   with pytest.raises(ValueError, match='finalized'):
     stream.push(mel[:, :, :1])
 
-  # The same chunks, stage by stage, from the same inputs (the calls HiftStream makes).
+  # The same chunks, stage by stage, from the same inputs (the steps HiftStream fuses).
   state = model.start(1)
   f0_pieces, source_pieces, wav_pieces = [], [], []
   want_f0, want_source = ref['finalize_true.f0'], ref['finalize_true.source'][:, 0]

@@ -2,14 +2,20 @@
 speech codes of assistant audio, the conversation as JSON), plus the tokenizers they were made with.
 
   python -m fac_jax.data.prepare --config=configs/tiny.py --manifest=train=train.jsonl,\
-validation=validation.jsonl --out=DIR [--tokenizer=FOLDER] [--speech_tokenizer=FILE] [--beam]
+validation=validation.jsonl --out=DIR [--tokenizer=FOLDER] [--speech_tokenizer=FILE|FOLDER] [--beam]
 
 DIR receives `conversation_dataset/1.0.0/` (read it with `open_split`, no TensorFlow needed),
 `tokenizer/tokenizer.json` (copied from --tokenizer, else a BPE trained on the manifests' text),
-`speech_tokenizer.npz` (copied from --speech_tokenizer, else a k-means tokenizer trained on the
-train split's audio) and `prepare_report.json` (kept and skipped lines, each skip with file, line
-and reason). Features are extracted in chunks of manifest lines cached under `DIR/extract/`, so a
-rerun after an interruption resumes; the tfds writer commits each dataset version atomically.
+the speech tokenizer and `prepare_report.json` (kept and skipped lines, each skip with file, line
+and reason; the speech tokenizer's fingerprint). The speech tokenizer is either the released
+model's S3Tokenizer v3 (--speech_tokenizer=FOLDER written by fac_jax.speech.convert_s3; a GB of
+weights, so not copied: `speech_tokenizer.json` records its path and fingerprint, and a rerun
+without the flag uses it again) or a k-means tokenizer, `speech_tokenizer.npz` (copied from
+--speech_tokenizer=FILE, else trained on the train split's audio). Features are extracted in
+chunks of manifest lines cached under `DIR/extract/` (keyed by the lines and the settings,
+speech tokenizer included), so a rerun after an interruption resumes; the tfds writer commits
+each dataset version atomically, and a finished one is reused only if made with the same
+settings (else rebuilt).
 With --beam the same builder runs on Apache Beam (local DirectRunner unless --beam_options say
 otherwise), for corpora that outgrow one machine.
 
@@ -36,9 +42,11 @@ from ml_collections import config_flags
 
 from fac_jax import files, tokenizer as text_tokenizer
 from fac_jax.data import audio, conversation, manifest, preference, speech_tokenizer
+from fac_jax.speech import s3tokenizer
 
 DATASET_NAME = 'conversation_dataset'
 SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
+SPEECH_TOKENIZER_RECORD = 'speech_tokenizer.json'  # where a converted S3Tokenizer folder is
 TOKENIZER_FOLDER = 'tokenizer'
 REPORT_FILE = 'prepare_report.json'
 MEL_DTYPE = np.float16  # halves disk and I/O; log-mel values are O(1), float16 keeps ~1e-3
@@ -68,12 +76,11 @@ class Extractor:
   """Turns manifest lines into records: log-mel for user audio, codes for assistant audio."""
   num_mel_bins: int
   max_audio_seconds: float
-  speech_tokenizer: speech_tokenizer.KMeansSpeechTokenizer
+  speech_tokenizer: speech_tokenizer.SpeechTokenizer
 
   def fingerprint(self) -> str:
-    codebook = hashlib.sha1(np.ascontiguousarray(self.speech_tokenizer.centroids)).hexdigest()
-    return (f'mel{self.num_mel_bins}-max{self.max_audio_seconds}-codes{codebook}-'
-            f'{MEL_DTYPE.__name__}')
+    return (f'mel{self.num_mel_bins}-max{self.max_audio_seconds}-'
+            f'codes{self.speech_tokenizer.fingerprint()}-{MEL_DTYPE.__name__}')
 
   def _entry(self, turn: manifest.Turn, mels: list, codes: list) -> dict:
     """A turn's record entry; its user log-mel or assistant codes are appended to `mels` or
@@ -273,11 +280,41 @@ def _manifest_texts(paths):
         yield from [conv.system or ''] + [turn.text or '' for turn in conv.turns]
 
 
+def _speech_tokenizer(out: str, splits: dict[str, str], model: ml_collections.ConfigDict,
+                      given: str | None, audio_limit: int) -> speech_tokenizer.SpeechTokenizer:
+  """The speech tokenizer `given` (a converted S3Tokenizer folder, recorded in `out`, or a k-means
+  .npz, copied there), else the one `out` already has, else a k-means one trained on the train
+  split. Switching kinds removes the other kind's file, so `out` names one tokenizer."""
+  copied = os.path.join(out, SPEECH_TOKENIZER_FILE)
+  record = os.path.join(out, SPEECH_TOKENIZER_RECORD)
+  if (given and os.path.isdir(given)) or (not given and os.path.exists(record)):
+    if not given:
+      with open(record, encoding='utf-8') as f:
+        given = json.load(f)['folder']
+    tokenizer = s3tokenizer.S3Tokenizer.from_converted(given)
+    files.write_atomically(record, json.dumps(
+        {'folder': os.path.abspath(given), 'fingerprint': tokenizer.fingerprint()}, indent=1))
+    if os.path.exists(copied):
+      os.remove(copied)
+    return tokenizer
+  if given:
+    shutil.copy(given, copied)
+  elif not os.path.exists(copied):
+    train_manifest = splits.get('train', next(iter(splits.values())))
+    logging.info('training a %d-code speech tokenizer on %s', model.speech.bos_id, train_manifest)
+    trained = speech_tokenizer.KMeansSpeechTokenizer.train(
+        _manifest_audio(train_manifest, audio_limit), model.speech.bos_id, seed=0)
+    trained.save(copied)
+  if os.path.exists(record):
+    os.remove(record)
+  return speech_tokenizer.KMeansSpeechTokenizer.load(copied)
+
+
 def prepare_tokenizers(out: str, splits: dict[str, str], model: ml_collections.ConfigDict,
                        tokenizer_folder: str | None, speech_tokenizer_file: str | None,
-                       speech_tokenizer_audio: int = 400) -> speech_tokenizer.KMeansSpeechTokenizer:
-  """Puts the text and speech tokenizers in `out` (copied, or trained when not given and not
-  already there) and returns the speech tokenizer."""
+                       speech_tokenizer_audio: int = 400) -> speech_tokenizer.SpeechTokenizer:
+  """Puts the text and speech tokenizers in `out` (copied or recorded, or trained when not given
+  and not already there) and returns the speech tokenizer."""
   tokenizer_out = os.path.join(out, TOKENIZER_FOLDER)
   if tokenizer_folder:
     os.makedirs(tokenizer_out, exist_ok=True)
@@ -292,21 +329,25 @@ def prepare_tokenizers(out: str, splits: dict[str, str], model: ml_collections.C
     raise ValueError(f'{tokenizer_out}: special token ids {ids} differ from the config\'s '
                      f'model.tokens {dict(model.tokens)}')
 
-  speech_out = os.path.join(out, SPEECH_TOKENIZER_FILE)
-  if speech_tokenizer_file:
-    shutil.copy(speech_tokenizer_file, speech_out)
-  elif not os.path.exists(speech_out):
-    train_manifest = splits.get('train', next(iter(splits.values())))
-    logging.info('training a %d-code speech tokenizer on %s', model.speech.bos_id, train_manifest)
-    trained = speech_tokenizer.KMeansSpeechTokenizer.train(
-        _manifest_audio(train_manifest, speech_tokenizer_audio), model.speech.bos_id,
-        seed=0)
-    trained.save(speech_out)
-  codes = speech_tokenizer.KMeansSpeechTokenizer.load(speech_out)
+  codes = _speech_tokenizer(out, splits, model, speech_tokenizer_file, speech_tokenizer_audio)
   if codes.vocab_size > model.speech.bos_id:
-    raise ValueError(f'{speech_out} has {codes.vocab_size} codes; the model has room for '
-                     f'{model.speech.bos_id}')
+    raise ValueError(f'the speech tokenizer ({speech_tokenizer_file or out}) has '
+                     f'{codes.vocab_size} codes; the model has room for {model.speech.bos_id}')
   return codes
+
+
+def _drop_stale_dataset(out: str, fingerprint: str) -> None:
+  """tfds reuses a finished dataset as it is: one made with other settings (another speech
+  tokenizer, mel bins or audio limit, as its report records) is removed so that it is rebuilt."""
+  report_path = os.path.join(out, REPORT_FILE)
+  if not (os.path.exists(dataset_dir(out)) and os.path.exists(report_path)):
+    return
+  with open(report_path, encoding='utf-8') as f:
+    recorded = json.load(f).get('extract_fingerprint')
+  if recorded not in (None, fingerprint):
+    logging.warning('%s was made with other settings (%s, now %s): rebuilding it',
+                    dataset_dir(out), recorded, fingerprint)
+    shutil.rmtree(dataset_dir(out))
 
 
 def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, *,
@@ -323,6 +364,8 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
   chunks = {split: read_chunks(split, path, chunk_size) for split, path in splits.items()}
   cache_dir = os.path.join(out, 'extract')
   os.makedirs(cache_dir, exist_ok=True)
+  fingerprint = extractor.fingerprint()
+  _drop_stale_dataset(out, fingerprint)
   builder = ConversationDataset(chunks=chunks, extractor=extractor, cache_dir=cache_dir,
                                 use_beam=use_beam, data_dir=out, file_format='array_record')
   if use_beam:
@@ -333,8 +376,12 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
   builder.download_and_prepare(download_dir=cache_dir, download_config=config)
 
   info = tfds.builder_from_directory(dataset_dir(out)).info
-  report = {'dataset': dataset_dir(out), 'seconds': round(time.time() - start, 1), 'splits': {}}
-  fingerprint = extractor.fingerprint()
+  report = {'dataset': dataset_dir(out), 'seconds': round(time.time() - start, 1),
+            'speech_tokenizer': {'kind': type(codes).__name__, 'vocab_size': codes.vocab_size,
+                                 'fingerprint': codes.fingerprint(),
+                                 'file': os.path.join(out, SPEECH_TOKENIZER_RECORD if isinstance(
+                                     codes, s3tokenizer.S3Tokenizer) else SPEECH_TOKENIZER_FILE)},
+            'extract_fingerprint': fingerprint, 'splits': {}}
   for split, path in splits.items():
     skipped = [] if use_beam else [
         skip for chunk in chunks[split]
@@ -357,8 +404,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('out', None, 'Output folder.', required=True)
   flags.DEFINE_string('tokenizer', None, 'Text tokenizer folder (default: train a BPE on the '
                       'manifests).')
-  flags.DEFINE_string('speech_tokenizer', None, 'k-means speech tokenizer .npz (default: train '
-                      'one on the train split).')
+  flags.DEFINE_string('speech_tokenizer', None, 'S3Tokenizer v3 folder written by '
+                      'fac_jax.speech.convert_s3, or a k-means speech tokenizer .npz (default: the '
+                      'one DIR has, else a k-means one trained on the train split).')
   flags.DEFINE_integer('chunk_size', 64, 'Manifest lines per cached extraction unit.')
   flags.DEFINE_integer('num_shards', None, 'ArrayRecord shards per split (default: by size).')
   flags.DEFINE_bool('beam', False, 'Run the builder on Apache Beam.')

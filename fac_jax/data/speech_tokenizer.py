@@ -1,5 +1,6 @@
 """Speech tokenizer interface and the embedded default: k-means over log-mel, Griffin-Lim back."""
 
+import hashlib
 import os
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
@@ -16,18 +17,23 @@ FORMAT_VERSION = 1
 
 @runtime_checkable
 class SpeechTokenizer(Protocol):
-  """Waveform -> discrete speech codes, one per 1 / frame_rate seconds.
+  """Waveform -> discrete speech codes, about one per 1 / frame_rate seconds.
 
-  S3Tokenizer v3, the released model's tokenizer, fits as sample_rate 16000, frame_rate 25,
-  vocab_size 6561.
+  fac_jax.speech.s3tokenizer.S3Tokenizer, the released model's S3Tokenizer v3, fits as
+  sample_rate 16000, frame_rate 25, vocab_size 6561.
   """
   sample_rate: int
   frame_rate: int
   vocab_size: int
 
   def encode(self, waveform: np.ndarray) -> np.ndarray:
-    """(samples,) float waveform at sample_rate -> int32 codes in [0, vocab_size), as many as
-    int(samples / sample_rate * frame_rate)."""
+    """(samples,) float waveform at sample_rate -> int32 codes in [0, vocab_size), about
+    samples / sample_rate * frame_rate of them; the exact count is the tokenizer's (k-means:
+    int(samples / 16000 * 25); S3: ceil((n // 160) / 4) for each 30 s piece of n samples)."""
+    ...
+
+  def fingerprint(self) -> str:
+    """A string that changes whenever the codes `encode` makes could change (cache keys)."""
     ...
 
 
@@ -44,6 +50,16 @@ class SpeechDetokenizer(Protocol):
 
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """(num_codes,) integer codes in [0, vocab_size) -> (samples,) float32 waveform in [-1, 1]."""
+    ...
+
+
+@runtime_checkable
+class StreamingSpeechDetokenizer(SpeechDetokenizer, Protocol):
+  """A detokenizer with a streaming session of its own (real caches), rather than re-decoding
+  windows of codes: session = stream(); session.push(codes) -> the samples they complete;
+  session.finish() -> the rest."""
+
+  def stream(self):
     ...
 
 
@@ -157,6 +173,13 @@ class KMeansSpeechTokenizer:
 
   def standardise(self, features: np.ndarray) -> np.ndarray:
     return (np.asarray(features, np.float64) - self.mean) / self.std
+
+  def fingerprint(self) -> str:
+    """Hash of the codebook: centroids, standardisation and mel bins."""
+    digest = hashlib.sha1(np.ascontiguousarray(self.centroids))
+    digest.update(np.ascontiguousarray(self.mean))
+    digest.update(np.ascontiguousarray(self.std))
+    return f'kmeans{self.num_mel_bins}-{digest.hexdigest()}'
 
   def encode(self, waveform: np.ndarray) -> np.ndarray:
     features = self.standardise(stacked_log_mel(waveform, self.num_mel_bins))

@@ -2,6 +2,7 @@
 
   python -m fac_jax.speech.convert_cosyvoice --flow=flow.pt [--flow_config=flow.json] --out=DIR
   python -m fac_jax.speech.convert_cosyvoice --hift=hift.pt [--hift_config=hift.json] --out=DIR
+  python -m fac_jax.speech.convert_cosyvoice --spk2info=new_spk2info.pt [--speaker=中文女] --out=DIR
 
 DIR/flow/ gets config.json and model.safetensors (with its index): the weights in fac_jax's
 layout, named by module path, plus `rand_noise`, the flow's fixed starting noise, which the
@@ -18,20 +19,25 @@ DIR/hift/ gets the vocoder the same way (fac_jax.speech.hift.load), its weight n
 reference draws at construction: the converter replays that draw with torch, which depends on the
 flow's sizes (--flow_config) as well. --hift_config is the hift section of cosyvoice3.yaml as
 JSON.
+
+DIR/speaker.json gets one speaker's x-vector from a speaker table (`spk2info.pt`: speaker name ->
+{'embedding': (1, 192), ...}, read with weights_only=True): Fun-Audio-Chat speaks with '中文女' of
+its utils/new_spk2info.pt, the default. With all three, DIR is what
+fac_jax.speech.detokenizer.load reads (the flags may be given in one run or in several).
 """
 
 import json
 import os
 import re
-import shutil
 
 from absl import app, flags
 from flax import nnx
 import numpy as np
 
-from fac_jax import safetensors_io
+from fac_jax.speech import detokenizer
 from fac_jax.speech import flow as flow_lib
 from fac_jax.speech import hift as hift_lib
+from fac_jax.speech import weights
 
 FLOW_NOISE_SEED = 0
 
@@ -127,8 +133,7 @@ def flow_noise_table(frames: int) -> np.ndarray:
 
 def flow_arrays(path: str, cfg: flow_lib.FlowConfig) -> dict[str, np.ndarray]:
   """flow.pt -> fac_jax arrays by module path (rand_noise included), checked exactly."""
-  shapes = {'.'.join(map(str, p)): tuple(v.get_value().shape) for p, v in
-            nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: flow_lib.create(cfg))))}
+  shapes = weights.shapes(nnx.eval_shape(lambda: flow_lib.create(cfg)))
   names = flow_tensor_names(cfg)
   expected = {theirs: _torch_layout(ours, shapes[ours][1:] if block is not None else shapes[ours])
               for theirs, (ours, block) in names.items()}
@@ -152,27 +157,10 @@ def read_flow_config(path: str | None) -> flow_lib.FlowConfig:
     return flow_lib.FlowConfig.from_cosyvoice(json.load(f), path)
 
 
-def write_folder(out: str, arrays: dict[str, np.ndarray], config_json: str) -> str:
-  """Writes config.json and the arrays as float32 safetensors to `out` (which must not exist),
-  complete or not at all."""
-  if os.path.exists(out):
-    raise FileExistsError(f'{out} exists; refusing to overwrite it')
-  partial = out.rstrip('/') + '.incomplete'
-  shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted conversion
-  os.makedirs(partial)
-  names = sorted(arrays)
-  shards = safetensors_io.plan_shards(((n, arrays[n].shape, np.float32) for n in names), 1 << 62)
-  safetensors_io.write_sharded(partial, shards, (arrays[n] for n in names))
-  with open(os.path.join(partial, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(config_json)
-  os.rename(partial, out)
-  return out
-
-
 def convert_flow(flow_path: str, out: str, config_path: str | None = None) -> str:
   """flow.pt -> the folder `out` (must not exist), loadable with fac_jax.speech.flow.load."""
   cfg = read_flow_config(config_path)
-  return write_folder(out, flow_arrays(flow_path, cfg), cfg.to_json())
+  return weights.write(out, flow_arrays(flow_path, cfg), cfg.to_json())
 
 
 def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -227,8 +215,7 @@ def hift_weights(path: str, cfg: hift_lib.HiftConfig) -> dict[str, np.ndarray]:
   holds exactly the expected tensors (a `generator.` prefix is dropped, as CosyVoice's loader
   does)."""
   model = nnx.eval_shape(lambda: hift_lib.create(cfg))
-  shapes = {'.'.join(map(str, p)): tuple(v.get_value().shape)
-            for p, v in nnx.to_flat_state(nnx.state(model))}
+  shapes = weights.shapes(model)
   names = hift_tensor_names(model)
   expected, sources = {}, {}  # sources: fac_jax name -> its tensors in the file, (g, v) if normed
   for theirs, ours in names.items():
@@ -244,11 +231,11 @@ def hift_weights(path: str, cfg: hift_lib.HiftConfig) -> dict[str, np.ndarray]:
   found = {name.removeprefix('generator.'): value
            for name, value in read_state_dict(path).items()}
   check_tensors(path, found, expected)
-  weights = {}
+  folded = {}
   for ours, parts in sources.items():
     value = fold_weight_norm(*(found[p] for p in parts)) if len(parts) == 2 else found[parts[0]]
-    weights[ours] = value.T if ours.endswith('kernel') else value
-  return weights
+    folded[ours] = value.T if ours.endswith('kernel') else value
+  return folded
 
 
 def read_hift_config(path: str | None) -> hift_lib.HiftConfig:
@@ -266,7 +253,39 @@ def convert_hift(hift_path: str, out: str, config_path: str | None = None,
   arrays = hift_weights(hift_path, cfg)
   arrays['m_source.sine_waves'], arrays['m_source.rand_ini'] = hift_noise_tables(
       cfg, read_flow_config(flow_config_path))
-  return write_folder(out, arrays, cfg.to_json())
+  return weights.write(out, arrays, cfg.to_json())
+
+
+def speaker_embedding(path: str, speaker: str, dim: int) -> np.ndarray:
+  """The (dim,) x-vector of `speaker` in a spk2info.pt speaker table."""
+  import torch
+  table = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(table, dict) or speaker not in table:
+    names = sorted(table) if isinstance(table, dict) else type(table).__name__
+    raise ConversionError(f'{path}: no speaker {speaker!r} (it holds {names})')
+  entry = table[speaker]
+  embedding = entry.get('embedding') if isinstance(entry, dict) else None
+  if not isinstance(embedding, torch.Tensor) or embedding.numel() != dim or \
+      not embedding.is_floating_point():
+    raise ConversionError(f'{path}: speaker {speaker!r} has no floating-point "embedding" of '
+                          f'{dim} numbers')
+  return embedding.detach().to(torch.float32).reshape(dim).numpy()
+
+
+def convert_speaker(spk2info_path: str, out: str, speaker: str = detokenizer.DEFAULT_SPEAKER,
+                    flow_config_path: str | None = None) -> str:
+  """Writes out/speaker.json (which must not exist) with the speaker's x-vector, sized for the
+  flow of flow_config_path (default the released sizes)."""
+  path = os.path.join(out, detokenizer.SPEAKER_FILE)
+  if os.path.exists(path):
+    raise FileExistsError(f'{path} exists; refusing to overwrite it')
+  embedding = speaker_embedding(spk2info_path, speaker,
+                                read_flow_config(flow_config_path).spk_embed_dim)
+  source = {'file': os.path.basename(spk2info_path), 'sha256': weights.sha256(spk2info_path)}
+  os.makedirs(out, exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(detokenizer.speaker_json(speaker, embedding, source))
+  return path
 
 
 def _define_flags() -> None:
@@ -277,8 +296,11 @@ def _define_flags() -> None:
   flags.DEFINE_string('hift', None, "CosyVoice 3's hift.pt.")
   flags.DEFINE_string('hift_config', None, 'The hift section of cosyvoice3.yaml as JSON (default: '
                       'the released sizes).')
+  flags.DEFINE_string('spk2info', None, 'A speaker table, e.g. Fun-Audio-Chat\'s '
+                      'utils/new_spk2info.pt.')
+  flags.DEFINE_string('speaker', detokenizer.DEFAULT_SPEAKER, 'The speaker of --spk2info to keep.')
   flags.DEFINE_string('out', None, 'Output folder; each model goes to a subfolder that must not '
-                      'exist.', required=True)
+                      'exist, the speaker to speaker.json.', required=True)
 
 
 def main(argv):
@@ -290,8 +312,11 @@ def main(argv):
   if flags.FLAGS.hift:
     converted.append(convert_hift(flags.FLAGS.hift, os.path.join(flags.FLAGS.out, 'hift'),
                                   flags.FLAGS.hift_config, flags.FLAGS.flow_config))
+  if flags.FLAGS.spk2info:
+    converted.append(convert_speaker(flags.FLAGS.spk2info, flags.FLAGS.out, flags.FLAGS.speaker,
+                                     flags.FLAGS.flow_config))
   if not converted:
-    raise app.UsageError('nothing to convert: pass --flow and/or --hift')
+    raise app.UsageError('nothing to convert: pass --flow, --hift and/or --spk2info')
   print('wrote ' + ', '.join(converted))
 
 

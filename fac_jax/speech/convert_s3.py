@@ -13,18 +13,15 @@ DIR gets model.safetensors (with its index) and config.json; load it with
 fac_jax.speech.s3tokenizer.S3Tokenizer.from_converted(DIR).
 """
 
-import hashlib
 import os
 import re
-import shutil
 
 from absl import app, flags
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fac_jax import safetensors_io
-from fac_jax.speech import s3tokenizer
+from fac_jax.speech import s3tokenizer, weights
 
 # Node name -> parameter. 'input' names the node input holding the tensor; 'stored' takes the one
 # stored input of more than one element (LayerNorm's eps Add has a scalar one; a bias Add may
@@ -161,28 +158,13 @@ def _onnx_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(shape[axis] for axis in _CONV_AXES) if len(shape) == 3 else tuple(shape)
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 24), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def convert(onnx_path: str, out: str) -> s3tokenizer.S3Config:
   """Writes the converted tokenizer to `out` (which must not exist); complete or not at all."""
   if os.path.exists(out):
     raise FileExistsError(f'{out} exists; refusing to overwrite it')
   cfg, params = read_onnx(onnx_path)
-  partial = out.rstrip('/') + '.incomplete'
-  shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted conversion
-  os.makedirs(partial)
-  names = sorted(params)
-  shards = safetensors_io.plan_shards(((n, params[n].shape, np.float32) for n in names), 1 << 62)
-  safetensors_io.write_sharded(partial, shards, (params[n] for n in names))
-  s3tokenizer.save_config(partial, cfg, {'file': os.path.basename(onnx_path),
-                                         'sha256': _sha256(onnx_path)})
-  os.rename(partial, out)
+  source = {'file': os.path.basename(onnx_path), 'sha256': weights.sha256(onnx_path)}
+  weights.write(out, params, s3tokenizer.config_json(cfg, source))
   return cfg
 
 

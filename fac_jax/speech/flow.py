@@ -18,20 +18,18 @@ import dataclasses
 import functools
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fac_jax import safetensors_io
 from fac_jax.model import layers
+from fac_jax.speech import weights
 
 MEL_DIM = 80  # the reference solver and its noise table hard-code 80 channels
 TIME_FREQ_DIM = 256
 POSITION_KERNEL, POSITION_GROUPS = 31, 16
-CONFIG_NAME = 'config.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +107,6 @@ class FlowConfig:
     if set(values) != names:
       raise ValueError(f'{source}: fields {sorted(set(values) ^ names)} are missing or unknown')
     return cls(**values)
-
-
-class Constant(nnx.Variable):
-  """A fixed array the model uses but never trains: the rotary frequencies, the starting noise."""
 
 
 def _conv(in_features, out_features, kernel, rngs, groups=1):
@@ -208,7 +202,7 @@ class DiT(nnx.Module):
     self.input_proj = nnx.Linear(4 * MEL_DIM, dim, rngs=rngs)
     self.position_conv1 = _conv(dim, dim, POSITION_KERNEL, rngs, POSITION_GROUPS)
     self.position_conv2 = _conv(dim, dim, POSITION_KERNEL, rngs, POSITION_GROUPS)
-    self.inv_freq = Constant(
+    self.inv_freq = weights.Constant(
         1.0 / 10000 ** (jnp.arange(0, cfg.dim_head, 2, dtype=jnp.float32) / cfg.dim_head))
     self.blocks = layers.stacked_layers(lambda r: DiTBlock(cfg, rngs=r), cfg.depth, rngs)
     self.final_modulation = nnx.Linear(dim, 2 * dim, rngs=rngs)
@@ -270,7 +264,8 @@ class Flow(nnx.Module):
     self.spk_affine = nnx.Linear(cfg.spk_embed_dim, MEL_DIM, rngs=rngs)
     self.pre_lookahead = PreLookahead(cfg, rngs=rngs)
     self.estimator = DiT(cfg, rngs=rngs)
-    self.rand_noise = Constant(jax.random.normal(rngs.params(), (cfg.noise_frames, MEL_DIM)))
+    self.rand_noise = weights.Constant(
+        jax.random.normal(rngs.params(), (cfg.noise_frames, MEL_DIM)))
 
 
 def create(cfg: FlowConfig, seed: int = 0) -> Flow:
@@ -281,31 +276,8 @@ def create(cfg: FlowConfig, seed: int = 0) -> Flow:
 def load(folder: str) -> Flow:
   """A flow from a folder written by `fac_jax.speech.convert_cosyvoice` (config.json and
   safetensors named by module path); refuses missing, extra or misshapen tensors."""
-  config_path = os.path.join(folder, CONFIG_NAME)
-  with open(config_path, encoding='utf-8') as f:
-    cfg = FlowConfig.from_json(f.read(), config_path)
-  model = nnx.eval_shape(lambda: create(cfg))
-  checkpoint = safetensors_io.Checkpoint(folder)
-  graphdef, state = nnx.split(model)
-  flat = dict(nnx.to_flat_state(state))
-  expected = {'.'.join(map(str, path)): path for path in flat}
-  missing = sorted(set(expected) - set(checkpoint.keys()))
-  extra = sorted(set(checkpoint.keys()) - set(expected))
-  if missing or extra:
-    raise ValueError(f'{folder}: tensors missing {missing[:5]}, unexpected {extra[:5]}')
-  for name, path in expected.items():
-    want = flat[path].get_value().shape
-    if checkpoint.shape(name) != tuple(want):
-      raise ValueError(f'{folder}: tensor {name!r} has shape {checkpoint.shape(name)}, expected '
-                       f'{tuple(want)}')
-    flat[path].set_value(jnp.asarray(np.asarray(checkpoint.array(name), np.float32)))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def flat_arrays(model: Flow) -> dict[str, np.ndarray]:
-  """The model's arrays by dotted module path: the names `load` reads."""
-  return {'.'.join(map(str, path)): np.asarray(variable.get_value())
-          for path, variable in nnx.to_flat_state(nnx.state(model))}
+  cfg = weights.read_config(folder, FlowConfig.from_json, 'fac_jax.speech.convert_cosyvoice')
+  return weights.load(folder, nnx.eval_shape(lambda: create(cfg)))
 
 
 def euler_schedule(n_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,7 +368,7 @@ def solve(model: Flow, mu: jax.Array, spks: jax.Array, cond: jax.Array, frame_va
   return jnp.concatenate([x0[None], states], axis=0)
 
 
-@functools.partial(nnx.jit, static_argnames=('finalize', 'streaming'))
+@functools.partial(nnx.jit, static_argnames=('finalize', 'streaming'), graph=False)
 def inference(model: Flow, tokens: jax.Array, embedding: jax.Array,
               prompt_tokens: jax.Array | None = None, prompt_feat: jax.Array | None = None,
               num_tokens: jax.Array | None = None, *, finalize: bool = True,
@@ -449,7 +421,7 @@ def init_stream_cache(cfg: FlowConfig, batch: int, max_frames: int) -> dict:
           'conv2': jnp.zeros(tail)}
 
 
-@functools.partial(nnx.jit, donate_argnames=('cache',))
+@functools.partial(nnx.jit, donate_argnames=('cache',), graph=False)
 def stream_chunk(model: Flow, cache: dict, window_tokens: jax.Array, window_valid: jax.Array,
                  spks: jax.Array, cond: jax.Array, first_token: jax.Array,
                  num_frames: jax.Array) -> tuple[jax.Array, dict]:

@@ -24,17 +24,14 @@ f0 matches it to ~1e-7); the decoder's convolutions follow jax_default_matmul_pr
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fac_jax import safetensors_io
-from fac_jax.speech.flow import Constant
+from fac_jax.speech import weights
 
-CONFIG_NAME = 'config.json'
 HIGHEST = jax.lax.Precision.HIGHEST
 F0_LOOKAHEAD = 3  # the F0 predictor's first conv (kernel 4) reads 3 frames ahead
 SNAKE_EPS = 1e-9
@@ -276,8 +273,10 @@ class HarmonicSource(nnx.Module):
     self.config = cfg
     harmonics = cfg.nb_harmonics + 1
     self.l_linear = nnx.Linear(harmonics, 1, precision=HIGHEST, rngs=rngs)
-    self.sine_waves = Constant(jax.random.uniform(rngs.params(), (cfg.noise_samples, harmonics)))
-    self.rand_ini = Constant(jax.random.uniform(rngs.params(), (harmonics,)).at[0].set(0.0))
+    self.sine_waves = weights.Constant(
+        jax.random.uniform(rngs.params(), (cfg.noise_samples, harmonics)))
+    self.rand_ini = weights.Constant(
+        jax.random.uniform(rngs.params(), (harmonics,)).at[0].set(0.0))
 
   def start(self, batch: int) -> dict:
     """Phase integral so far (double-float) and the next sample's index into sine_waves."""
@@ -411,12 +410,14 @@ class CausalHiFT(nnx.Module):
     pieces = pieces.reshape(batch, frames, per_frame, hop)
     squared = np.broadcast_to((window ** 2).reshape(per_frame, hop), (frames, per_frame, hop))
     out = jnp.zeros((batch, frames + per_frame - 1, hop))
-    envelope = jnp.zeros((frames + per_frame - 1, hop))
+    # The window's envelope is a constant: summed here in NumPy (the same float32 sums), as XLA
+    # would take seconds to fold its scatter-adds over a long signal at compile time.
+    envelope = np.zeros((frames + per_frame - 1, hop), np.float32)
     for part in range(per_frame):  # frame j's part p lands on output hop j + p
       out = out.at[:, part:part + frames].add(pieces[:, :, part])
-      envelope = envelope.at[part:part + frames].add(squared[:, part])
+      envelope[part:part + frames] += squared[:, part]
     out = out.at[:, :per_frame - 1].add(state['ola'])
-    envelope = envelope.at[:per_frame - 1].add(state['envelope'])
+    envelope = jnp.asarray(envelope).at[:per_frame - 1].add(state['envelope'])
     done = out.shape[1] if final else frames
     wav = (out[:, :done] / envelope[:done]).reshape(batch, done * hop)
     half = cfg.n_fft // 2
@@ -469,24 +470,8 @@ def create(cfg: HiftConfig, seed: int = 0) -> CausalHiFT:
 def load(folder: str) -> CausalHiFT:
   """A vocoder from a folder written by `fac_jax.speech.convert_cosyvoice` (config.json and
   safetensors named by module path); refuses missing, extra or misshapen tensors."""
-  config_path = os.path.join(folder, CONFIG_NAME)
-  with open(config_path, encoding='utf-8') as f:
-    cfg = HiftConfig.from_json(f.read(), config_path)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: create(cfg)))
-  flat = dict(nnx.to_flat_state(state))
-  checkpoint = safetensors_io.Checkpoint(folder)
-  expected = {'.'.join(map(str, path)): path for path in flat}
-  missing = sorted(set(expected) - set(checkpoint.keys()))
-  extra = sorted(set(checkpoint.keys()) - set(expected))
-  if missing or extra:
-    raise ValueError(f'{folder}: tensors missing {missing[:5]}, unexpected {extra[:5]}')
-  for name, path in expected.items():
-    want = tuple(flat[path].get_value().shape)
-    if checkpoint.shape(name) != want:
-      raise ValueError(f'{folder}: tensor {name!r} has shape {checkpoint.shape(name)}, expected '
-                       f'{want}')
-    flat[path].set_value(jnp.asarray(np.asarray(checkpoint.array(name), np.float32)))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  cfg = weights.read_config(folder, HiftConfig.from_json, 'fac_jax.speech.convert_cosyvoice')
+  return weights.load(folder, nnx.eval_shape(lambda: create(cfg)))
 
 
 def _check_length(model: CausalHiFT, frames: int) -> None:
@@ -501,20 +486,20 @@ def _time_major(mel: jax.Array) -> jax.Array:
   return jnp.swapaxes(jnp.asarray(mel, jnp.float32), 1, 2)
 
 
-@functools.partial(nnx.jit, static_argnames=('final',))
+@functools.partial(nnx.jit, static_argnames=('final',), graph=False)
 def f0_step(model: CausalHiFT, mel: jax.Array, state: list, final: bool) -> tuple[jax.Array, list]:
   """F0 predictor on mel (B, 80, n) -> (f0 (B, n') of the frames whose look-ahead has arrived,
   caches)."""
   return model.f0_predictor(_time_major(mel), state, final)
 
 
-@nnx.jit
+@functools.partial(nnx.jit, graph=False)
 def source_step(model: CausalHiFT, f0_values: jax.Array, state: dict) -> tuple[jax.Array, dict]:
   """Harmonic source of the next frames: f0 (B, n) -> (source (B, n * 480), caches)."""
   return model.m_source(f0_values, state)
 
 
-@functools.partial(nnx.jit, static_argnames=('first', 'final'))
+@functools.partial(nnx.jit, static_argnames=('first', 'final'), graph=False)
 def decode_step(model: CausalHiFT, mel: jax.Array, source_values: jax.Array, state: dict,
                 first: bool, final: bool) -> tuple[dict, dict]:
   """Decoder on the next mel frames (B, 80, n) and source samples (B, m) -> ({'wav': the samples
@@ -555,6 +540,20 @@ def inference(model: CausalHiFT, mel: jax.Array, finalize: bool = True) -> jax.A
                 finalize)['wav']
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'first', 'final'))
+def _stream_step(graphdef: nnx.GraphDef, params: nnx.State, mel: jax.Array, state: dict, *,
+                 first: bool, final: bool) -> tuple[jax.Array, dict]:
+  """f0_step, source_step and decode_step of one chunk in one call, on a module split once (a
+  module argument is flattened on every call: ~250 arrays here, more time than the tiny model's
+  work)."""
+  model = nnx.merge(graphdef, params)
+  f0_values, f0_state = model.f0_predictor(_time_major(mel), state['f0'], final)
+  source_values, source_state = model.m_source(f0_values, state['source'])
+  out, decode_state = model.decode(_time_major(mel), source_values, state['decode'], first=first,
+                                   final=final)
+  return out['wav'], {'f0': f0_state, 'source': source_state, 'decode': decode_state}
+
+
 class HiftStream:
   """Mel chunks -> waveform chunks with real caches: each push runs the vocoder over the new
   frames only (the reference's web demo re-runs it over the whole history every chunk).
@@ -575,6 +574,7 @@ class HiftStream:
       raise ValueError('streaming needs the source (F0 look-ahead 3 frames) to run ahead of '
                        f'conv_pre (look-ahead {model.config.conv_pre_look_right})')
     self.model, self.config, self.batch = model, model.config, batch
+    self.graphdef, self.params = nnx.split(model)  # once: the module is only read
     self.state = None
     self.waiting = np.zeros((batch, self.config.in_channels, 0), np.float32)
     self.frames = 0
@@ -598,8 +598,6 @@ class HiftStream:
         self.waiting = mel
         return jnp.zeros((self.batch, 0))
       self.state = self.model.start(self.batch)
-    f0_values, self.state['f0'] = f0_step(self.model, mel, self.state['f0'], finalize)
-    source_values, self.state['source'] = source_step(self.model, f0_values, self.state['source'])
-    out, self.state['decode'] = decode_step(self.model, mel, source_values, self.state['decode'],
-                                            first, finalize)
-    return out['wav']
+    wav, self.state = _stream_step(self.graphdef, self.params, mel, self.state, first=first,
+                                   final=finalize)
+    return wav

@@ -11,8 +11,8 @@ through fac_jax.speech.convert_s3.
 
 import dataclasses
 import functools
+import hashlib
 import json
-import os
 
 from absl import app, flags
 import jax
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fac_jax import safetensors_io
 from fac_jax.data import audio
 from fac_jax.model import layers
+from fac_jax.speech import weights
 
 HEAD_DIM = 64  # the reference hard-wires its rotary table to 64-wide heads
 ROPE_THETA = 10000.0
@@ -35,7 +35,6 @@ CODE_RATE = 25
 PIECE_SAMPLES = 30 * audio.SAMPLE_RATE
 MIN_LAST_PIECE_SAMPLES = audio.SAMPLE_RATE
 MIN_SAMPLES = audio.N_FFT // 2 + 1  # the centred STFT reflects 200 samples at each end
-CONFIG_FILE = 'config.json'
 FORMAT = 'fac_jax.s3tokenizer_v3'
 HIGHEST = jax.lax.Precision.HIGHEST  # FSQ rounding is sensitive; never let f32 matmuls drop bits
 
@@ -166,21 +165,20 @@ def abstract_model(cfg: S3Config) -> S3TokenizerModel:
 
 def param_shapes(cfg: S3Config) -> dict[str, tuple[int, ...]]:
   """Parameter name ('blocks.0.attn.query.kernel', ...) -> shape, in the model's layout."""
-  _, state = nnx.split(abstract_model(cfg))
-  return {'.'.join(map(str, path)): tuple(variable.shape)
-          for path, variable in nnx.to_flat_state(state)}
+  return weights.shapes(abstract_model(cfg))
 
 
-def pieces(num_samples: int) -> list[tuple[int, int]]:
-  """Fun-Audio-Chat's cut of long audio (utils/cosyvoice_tokenizer.py): consecutive 30 s pieces;
-  when there are several and the last is under 1 s, the last two are merged and split in half
-  (the first half gets the odd sample short). Returns [start, end) sample bounds."""
-  bounds = [(start, min(start + PIECE_SAMPLES, num_samples))
-            for start in range(0, num_samples, PIECE_SAMPLES)]
-  if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_LAST_PIECE_SAMPLES:
+def pieces(total: int, piece: int = PIECE_SAMPLES,
+           min_last: int = MIN_LAST_PIECE_SAMPLES) -> list[tuple[int, int]]:
+  """Fun-Audio-Chat's cut of long inputs (utils/cosyvoice_tokenizer.py for audio, 30 s pieces,
+  min_last 1 s; utils/cosyvoice_detokenizer.py for codes, 750 and 50 codes): consecutive pieces;
+  when there are several and the last is under min_last, the last two are merged and split in
+  half (the first half gets the odd one short). Returns [start, end) bounds."""
+  bounds = [(start, min(start + piece, total)) for start in range(0, total, piece)]
+  if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
     start = bounds[-2][0]
-    middle = start + (num_samples - start) // 2
-    bounds[-2:] = [(start, middle), (middle, num_samples)]
+    middle = start + (total - start) // 2
+    bounds[-2:] = [(start, middle), (middle, total)]
   return bounds
 
 
@@ -194,20 +192,31 @@ class S3Tokenizer:
   vocab_size = CODEBOOK_SIZE
 
   def __init__(self, cfg: S3Config, model: S3TokenizerModel, batch_size: int = 8,
-               bucket_frames: int = 500):
+               bucket_frames: int = 500, source: dict | None = None):
+    """source: where the weights came from ({'file', 'sha256'} of the ONNX graph, as convert_s3
+    records it), if known."""
     self.cfg = cfg
     self.batch_size = batch_size
     self.bucket_frames = bucket_frames
+    self.source = source
     graphdef, self.params = nnx.split(model)
     self._codes = jax.jit(lambda params, mel, lengths: nnx.merge(graphdef, params)(mel, lengths))
 
   @classmethod
   def from_converted(cls, folder: str, **kwargs) -> 'S3Tokenizer':
     """Loads a folder written by fac_jax.speech.convert_s3."""
-    cfg, params = load_converted(folder)
-    graphdef, state = nnx.split(abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, params)
-    return cls(cfg, nnx.merge(graphdef, state), **kwargs)
+    cfg, source = weights.read_config(folder, parse_config, 'fac_jax.speech.convert_s3')
+    return cls(cfg, weights.load(folder, abstract_model(cfg)), source=source, **kwargs)
+
+  def fingerprint(self) -> str:
+    """Identifies the codes this tokenizer makes: the sha256 of the ONNX graph it was converted
+    from, else a hash of its weights."""
+    if self.source and 'sha256' in self.source:
+      return f'{FORMAT}-onnx-{self.source["sha256"]}'
+    digest = hashlib.sha256(repr(self.cfg).encode())
+    for _, leaf in nnx.to_flat_state(self.params):  # a fixed (sorted) order
+      digest.update(np.ascontiguousarray(jax.device_get(leaf.get_value())).tobytes())
+    return f'{FORMAT}-weights-{digest.hexdigest()}'
 
   def codes(self, mels: list[np.ndarray]) -> list[np.ndarray]:
     """Each (frames, num_mel_bins) log-mel on its own -> its (ceil(frames / 4),) int32 codes."""
@@ -246,46 +255,21 @@ class S3Tokenizer:
     return self.tokenize([waveform])[0]
 
 
-def save_config(folder: str, cfg: S3Config, source: dict) -> None:
-  with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
-    json.dump({'format': FORMAT, **dataclasses.asdict(cfg), 'source': source}, f, indent=2)
+def config_json(cfg: S3Config, source: dict) -> str:
+  """The config.json of a converted folder: the format, the sizes and the source file."""
+  return json.dumps({'format': FORMAT, **dataclasses.asdict(cfg), 'source': source}, indent=2)
 
 
-def load_converted(folder: str) -> tuple[S3Config, dict]:
-  """A converted folder's config and parameter tree (nested dicts of arrays), with every tensor
-  checked against the shapes the config implies."""
-  path = os.path.join(folder, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{folder} holds no {CONFIG_FILE}: not written by '
-                            'fac_jax.speech.convert_s3')
-  with open(path) as f:
-    config = json.load(f)
+def parse_config(text: str, path: str) -> tuple[S3Config, dict]:
+  """A converted folder's config.json -> its sizes and its source ({} if not recorded)."""
+  config = json.loads(text)
   if config.get('format') != FORMAT:
     raise ValueError(f'{path}: "format" is {config.get("format")!r}, expected {FORMAT!r}')
   fields = [field.name for field in dataclasses.fields(S3Config)]
   missing = [name for name in fields if not isinstance(config.get(name), int)]
   if missing:
     raise ValueError(f'{path}: no integer field {missing[0]!r}')
-  cfg = S3Config(**{name: config[name] for name in fields})
-  checkpoint = safetensors_io.Checkpoint(folder)
-  stored = set(checkpoint.keys())
-  expected = param_shapes(cfg)
-  extra = sorted(stored - set(expected))
-  if extra:
-    raise ValueError(f'{folder}: unexpected tensor {extra[0]!r} for the sizes in {path}')
-  params = {}
-  for name, shape in expected.items():
-    if name not in stored:
-      raise ValueError(f'{folder}: tensor {name!r} is missing')
-    if checkpoint.shape(name) != shape:
-      raise ValueError(f'{folder}: tensor {name!r} has shape {checkpoint.shape(name)}, the sizes '
-                       f'in {path} need {shape}')
-    node = params
-    *parents, leaf = name.split('.')
-    for key in parents:
-      node = node.setdefault(int(key) if key.isdigit() else key, {})
-    node[leaf] = np.asarray(checkpoint.array(name), np.float32)
-  return cfg, params
+  return S3Config(**{name: config[name] for name in fields}), config.get('source') or {}
 
 
 def _define_flags() -> None:
