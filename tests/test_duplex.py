@@ -1,8 +1,8 @@
 """The duplex model and its streaming loop: with the user silent, duplex steps reproduce the
-half-duplex decode steps of the same weights; the teacher-forced training forward and the streaming
-loop give the same logits (window-prefix encoder windows included); bounded caches slide exactly
-as an uncached forward with a sink-plus-window mask; the causal log-mel against librosa; duplex
-checkpoints."""
+half-duplex decode steps of the same weights and the duplex forward the half-duplex forward; the
+teacher-forced streaming loop gives the training forward's logits (window-prefix encoder windows
+included) and, once its bounded caches slide, those of an uncached forward with the sink-plus-window
+mask; the causal log-mel against librosa; duplex checkpoints."""
 
 import dataclasses
 
@@ -96,27 +96,6 @@ def speaking_state(half: dict, cfg, loop: stream.LoopConfig) -> dict:
   return state
 
 
-def test_silent_user_stream_leaves_the_training_forward_unchanged(tiny):
-  """On a conversation without user audio, the duplex forward with every position marked silent
-  (silence vector zero) equals the half-duplex forward."""
-  cfg, graphdef, params, half_graphdef = tiny
-  rng = np.random.default_rng(5)
-  tok = cfg.tokens
-  pieces = [conversation.Text([tok.im_start, 3, 4, tok.im_end, tok.im_start, 5], trained=False),
-            conversation.Text([tok.audio_bos], trained=True),
-            conversation.assistant_audio(rng.integers(0, cfg.speech.bos_id, 23), [7, 8, 9], cfg),
-            conversation.Text([tok.audio_eos, tok.im_end], trained=True)]
-  example = conversation.format_conversation(pieces, cfg)
-  batch = conversation.pack([[example]], len(example['input_ids']), 1, cfg)
-  half = jax.jit(lambda p, b: nnx.merge(half_graphdef, p)(b))(
-      duplex_model.shared_params(params), batch)
-  batch.update(user_speech=np.zeros_like(batch['audio_mask']),
-               user_silent=np.ones_like(batch['audio_mask']))
-  duplex = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))(params, batch)
-  for name in half:
-    assert np.abs(np.asarray(half[name]) - np.asarray(duplex[name])).max() <= 1e-6, name
-
-
 def tone_exchanges(rng, cfg, count=6):
   """Exchanges of tone speech and random answers, and tone backchannels (no corpus needed)."""
   plain_vocab = min(cfg.llm.vocab_size, *cfg.tokens.values())
@@ -161,28 +140,10 @@ def session(tiny):
                                                               params['user_silence'].shape))
   mel, speech = timeline.chunked_user_audio(line, cfg.encoder.num_mel_bins)
   graphdef, _ = nnx.split(duplex_model.abstract_model(cfg))
-  trained = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))(params, batch)
+  forward = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
   return dict(cfg=cfg, line=line, prompt=prompt, batch=batch, graphdef=graphdef, params=params,
-              mel=jnp.asarray(mel[None]), speech=jnp.asarray(speech[None]),
-              forced=teacher_forcing(line, cfg), trained=jax.device_get(trained))
-
-
-def test_training_forward_and_streaming_loop_agree(session):
-  """Every session step's text and code logits of the teacher-forced loop equal those of the
-  training forward at the same position (max abs diff 1e-4; measured about 5e-6), and the loop
-  goes through the timeline's phases."""
-  s = session
-  cfg, graphdef, params = s['cfg'], s['graphdef'], s['params']
-  prompt, trained = len(s['prompt']), s['trained']
-  loop = stream.LoopConfig(window_steps=64, evict_steps=64, return_logits=True)
-  out = stream.make_simulate_fn(graphdef, cfg, loop)(
-      params, jnp.asarray([s['prompt']]), s['mel'], s['speech'], KEY, s['forced'])
-  text = trained['text_logits'][0, prompt:]
-  codes = trained['speech_logits'][0].reshape(-1, cfg.speech.group_size,
-                                                          cfg.speech.codebook_size)[prompt:]
-  assert np.abs(np.asarray(out['text_logits'][0]) - text).max() <= 1e-4
-  assert np.abs(np.asarray(out['code_logits'][0]) - codes).max() <= 1e-4
-  np.testing.assert_array_equal(metrics.assistant_phases(out['phase'][0]), s['line'].phase)
+              mel=jnp.asarray(mel[None]), speech=jnp.asarray(speech[None]), forward=forward,
+              forced=teacher_forcing(line, cfg), trained=jax.device_get(forward(params, batch)))
 
 
 def retained_steps(steps: int, window: int, evict: int) -> list[set]:
@@ -218,28 +179,37 @@ def masked_forward(model, batch, mask):
   return model.llm.lm_head(hidden)[0], codes[0].reshape(length, group, -1)
 
 
-def test_bounded_caches_slide_like_a_windowed_forward(session):
-  """With a window of 12 steps (5 evicted when full) over a 48-step session, the loop's logits
-  equal an uncached forward whose mask lets each step see the prompt and the steps the policy
-  keeps (max abs diff 1e-4); the caches keep their size."""
+def test_streaming_loop_equals_the_training_forward_with_bounded_caches(session):
+  """The teacher-forced loop, caches of 12 steps (5 evicted when full) over a 48-step session:
+  until the cache is full its text and code logits equal the training forward's at the same
+  positions; throughout they equal an uncached forward whose mask lets each step see the prompt
+  and the steps the documented policy keeps (max abs diff 1e-4; measured about 5e-6). The loop
+  goes through the timeline's phases, and its state keeps its size."""
   s = session
   cfg, graphdef, params = s['cfg'], s['graphdef'], s['params']
   window, evict = 12, 5
   loop = stream.LoopConfig(window_steps=window, evict_steps=evict, return_logits=True)
   out = jax.device_get(stream.make_simulate_fn(graphdef, cfg, loop)(
       params, jnp.asarray([s['prompt']]), s['mel'], s['speech'], KEY, s['forced']))
+  np.testing.assert_array_equal(metrics.assistant_phases(out['phase'][0]), s['line'].phase)
 
-  prompt, steps = len(s['prompt']), len(s['line'].phase)
+  prompt, steps, group = len(s['prompt']), len(s['line'].phase), cfg.speech.group_size
+  trained = s['trained']
+  text = trained['text_logits'][0, prompt:prompt + window]
+  codes = trained['speech_logits'][0].reshape(-1, group, cfg.speech.codebook_size)[prompt:]
+  assert np.abs(out['text_logits'][0, :window] - text).max() <= 1e-4
+  assert np.abs(out['code_logits'][0, :window] - codes[:window]).max() <= 1e-4
+  # Evictions changed something: after the first one, full attention gives other logits.
+  full = trained['text_logits'][0, prompt + window:]
+  assert np.abs(out['text_logits'][0, window:] - full).max() > 1e-3
+
   mask = np.tril(np.ones((prompt + steps,) * 2, bool))
   for step, visible in enumerate(retained_steps(steps, window, evict)):
     mask[prompt + step, prompt:] = [t in visible for t in range(steps)]
-  text, codes = jax.device_get(jax.jit(lambda p, b, m: masked_forward(nnx.merge(graphdef, p), b, m))(
-      params, s['batch'], mask))
+  text, codes = jax.device_get(jax.jit(
+      lambda p, b, m: masked_forward(nnx.merge(graphdef, p), b, m))(params, s['batch'], mask))
   assert np.abs(out['text_logits'][0] - text[prompt:]).max() <= 1e-4
   assert np.abs(out['code_logits'][0] - codes[prompt:]).max() <= 1e-4
-  # Evictions changed something: after the first one, full attention gives other logits.
-  full = s['trained']['text_logits'][0, prompt + window:]
-  assert np.abs(out['text_logits'][0, window:] - full).max() > 1e-3
 
   start = jax.eval_shape(lambda p: stream.prefill(nnx.merge(graphdef, p), jnp.zeros(
       (1, prompt), jnp.int32), cfg, loop, KEY), params)
@@ -247,6 +217,22 @@ def test_bounded_caches_slide_like_a_windowed_forward(session):
                                                    s['speech'][:, 0], cfg, loop)[0], params, start)
   assert jax.tree.map(lambda x: x.shape, start) == jax.tree.map(lambda x: x.shape, after)
   assert start['llm_cache']['k'].shape[2] == prompt + window
+
+
+def test_silent_user_stream_leaves_the_training_forward_unchanged(session):
+  """The duplex forward with the user silent throughout (silence vector zero) equals the
+  half-duplex forward of the same batch without its user stream."""
+  s = session
+  cfg = s['cfg']
+  params = dict(s['params'], user_silence=jnp.zeros_like(s['params']['user_silence']))
+  batch = dict(s['batch'], user_speech=np.zeros_like(s['batch']['user_speech']))
+  batch['user_silent'] = batch['segment_ids'] > 0
+  duplex = s['forward'](params, batch)
+  half_graphdef, _ = nnx.split(fun_audio_chat.abstract_model(cfg))
+  half = jax.jit(lambda p, b: nnx.merge(half_graphdef, p)(b))(
+      duplex_model.shared_params(params), batch)
+  for name in half:
+    assert np.abs(np.asarray(half[name]) - np.asarray(duplex[name])).max() <= 1e-6, name
 
 
 def test_causal_log_mel_is_chunkable_causal_and_matches_librosa():

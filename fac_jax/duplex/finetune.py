@@ -83,16 +83,23 @@ def make_batch(data: DuplexData, items, cfg, tcfg) -> dict:
   return timeline.batch(rows, len(data.prompt_ids) + tcfg.steps, tcfg.steps, cfg)
 
 
-def evaluate(graphdef, params, data: DuplexData, items, cfg, tcfg, loop: stream.LoopConfig,
-             key: jax.Array, batch_size: int = 16) -> dict:
-  """Closed-loop metrics (fac_jax.duplex.metrics) of a parameter tree on these timelines."""
-  simulate = stream.make_simulate_fn(graphdef, cfg, loop)
+def loop_config(tcfg: timeline.TimelineConfig) -> stream.LoopConfig:
+  """The loop of evaluations: greedy text, sampled speech, caches that hold a whole timeline."""
+  return stream.LoopConfig(window_steps=tcfg.steps, evict_steps=tcfg.steps)
+
+
+def evaluate(simulate, params, data: DuplexData, items, cfg: ml_collections.ConfigDict,
+             tcfg: timeline.TimelineConfig, key: jax.Array, batch_size: int = 16) -> dict:
+  """Closed-loop metrics (fac_jax.duplex.metrics) of a parameter tree on these timelines;
+  `simulate` is stream.make_simulate_fn's (made once: it compiles at its first call). Batches
+  are padded to `batch_size` rows so that every call has the same shapes."""
   counts = []
   for start in range(0, len(items), batch_size):
     chunk = items[start:start + batch_size]
-    heard = [timeline.chunked_user_audio(t, cfg.encoder.num_mel_bins) for t in chunk]
+    rows = chunk + chunk[-1:] * (batch_size - len(chunk))
+    heard = [timeline.chunked_user_audio(t, cfg.encoder.num_mel_bins) for t in rows]
     out = jax.device_get(simulate(
-        params, jnp.asarray([data.prompt_ids] * len(chunk)),
+        params, jnp.asarray([data.prompt_ids] * batch_size),
         jnp.asarray(np.stack([mel for mel, _ in heard])),
         jnp.asarray(np.stack([speech for _, speech in heard])), jax.random.fold_in(key, start)))
     for row, item in enumerate(chunk):
@@ -103,16 +110,21 @@ def evaluate(graphdef, params, data: DuplexData, items, cfg, tcfg, loop: stream.
   return metrics.summarise(counts)
 
 
+def _mesh_setup(cfg: ml_collections.ConfigDict):
+  """(mesh, graphdef, abstract parameters, their shardings) of the duplex model on cfg.mesh."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  graphdef, abstract_state = nnx.split(duplex_model.abstract_model(cfg.model))
+  return (mesh, graphdef, nnx.to_pure_dict(abstract_state),
+          sharding.param_shardings(abstract_state, mesh))
+
+
 def finetune(cfg: ml_collections.ConfigDict, params: dict, data: DuplexData,
              tcfg: timeline.TimelineConfig, log=print) -> tuple[dict, list[dict]]:
   """cfg.train.steps steps of the trainer's SFT step on fresh train timelines (batch i holds
   timelines [i * B, (i + 1) * B) of seed cfg.seed). Returns the parameters and the logged
   metrics."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  graphdef, abstract_state = nnx.split(duplex_model.abstract_model(cfg.model))
-  abstract_params = nnx.to_pure_dict(abstract_state)
+  mesh, graphdef, abstract_params, param_shardings = _mesh_setup(cfg)
   optimizer = optim.make_optimizer(cfg.train, abstract_params)
-  param_shardings = sharding.param_shardings(abstract_state, mesh)
   opt_shardings = steps.optimizer_shardings(jax.eval_shape(optimizer.init, abstract_params),
                                             param_shardings, mesh)
   params = jax.device_put(params, param_shardings)
@@ -141,16 +153,17 @@ def finetune(cfg: ml_collections.ConfigDict, params: dict, data: DuplexData,
 
 def initial_params(cfg: ml_collections.ConfigDict) -> dict:
   """Duplex parameters from config.train.init_checkpoint (a half-duplex or duplex checkpoint),
-  else from a random model of config.seed."""
+  else from a random model of config.seed, laid out on cfg.mesh as training lays them out."""
+  _, _, abstract_params, param_shardings = _mesh_setup(cfg)
   path = cfg.train.init_checkpoint
-  if not path:
-    return nnx.to_pure_dict(nnx.split(duplex_model.create(cfg.model, cfg.seed))[1])
-  _, params, _ = duplex_model.load(path)
-  expected = nnx.to_pure_dict(nnx.split(duplex_model.abstract_model(cfg.model))[1])
-  if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, expected):
-    raise ValueError(f'train.init_checkpoint={path}: its parameter shapes do not match '
-                     'config.model')
-  return params
+  if path:
+    _, params, _ = duplex_model.load(path)
+    if jax.tree.map(np.shape, params) != jax.tree.map(np.shape, abstract_params):
+      raise ValueError(f'train.init_checkpoint={path}: its parameter shapes do not match '
+                       'config.model')
+  else:
+    params = nnx.to_pure_dict(nnx.split(duplex_model.create(cfg.model, cfg.seed))[1])
+  return jax.device_put(params, param_shardings)
 
 
 def settings(tcfg: timeline.TimelineConfig, system: str) -> dict:
@@ -195,12 +208,12 @@ def main(argv):
   params = initial_params(cfg)
   graphdef, _ = nnx.split(duplex_model.abstract_model(cfg.model))
   held_out = timelines(data, 'validation', cfg.model, tcfg, cfg.seed + 1, FLAGS.eval_timelines)
-  loop = stream.LoopConfig(window_steps=tcfg.steps, evict_steps=tcfg.steps)
+  simulate = stream.make_simulate_fn(graphdef, cfg.model, loop_config(tcfg))
   key = jax.random.key(cfg.seed)
-  before = evaluate(graphdef, params, data, held_out, cfg.model, tcfg, loop, key)
+  before = evaluate(simulate, params, data, held_out, cfg.model, tcfg, key)
   print(summary_header() + '\n' + format_summary('before', before), flush=True)
   params, history = finetune(cfg, params, data, tcfg, log=lambda m: print(m, flush=True))
-  after = evaluate(graphdef, params, data, held_out, cfg.model, tcfg, loop, key)
+  after = evaluate(simulate, params, data, held_out, cfg.model, tcfg, key)
   print(summary_header() + '\n' + format_summary('before', before) + '\n'
         + format_summary('after', after), flush=True)
   os.makedirs(FLAGS.workdir, exist_ok=True)
