@@ -48,14 +48,35 @@ def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 class Progress:
-  """Numbered stage headers with the time since the job started."""
+  """Numbered stage headers with the time since the job started; the seconds each stage took,
+  summed over every invocation (a resumed stage adds its remainder), kept in DIR/timings.json."""
 
-  def __init__(self, total: int):
+  def __init__(self, total: int, workdir: str):
     self.total, self.done, self.start = total, 0, time.time()
+    self.path = os.path.join(workdir, 'timings.json')
+    self.seconds = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.seconds = json.load(f)
+    self.current, self.current_start = None, None
+
+  def _close(self) -> None:
+    if self.current is not None:
+      self.seconds[self.current] = (self.seconds.get(self.current, 0.0)
+                                    + time.time() - self.current_start)
+      files.write_atomically(self.path, json.dumps(self.seconds, indent=1))
 
   def stage(self, what: str) -> None:
+    self._close()
     self.done += 1
+    self.current, self.current_start = what, time.time()
     print(f'\n[{self.done}/{self.total}  {time.time() - self.start:,.0f} s] {what}', flush=True)
+
+  def finish(self) -> float:
+    """Closes the last stage; the total seconds of every stage over all invocations."""
+    self._close()
+    self.current = None
+    return sum(self.seconds.values())
 
 
 def stage_config(cfg: ml_collections.ConfigDict, name: str, data_dir: str, train_split: str,
@@ -267,7 +288,8 @@ def write_report(workdir: str, results: dict[str, dict], baseline: dict, samples
   """DIR/report.md and DIR/stages.png; returns the markdown."""
   plot_stages(results, os.path.join(workdir, 'stages.png'))
   lines = ['# fac_jax pipeline report', '',
-           f'Whole run: {seconds / 60:.1f} min on {jax.device_count()} x '
+           f'Compute time of all stages (summed over resumed runs): {seconds / 60:.1f} min on '
+           f'{jax.device_count()} x '
            f'{jax.devices()[0].platform}. Held-out questions per task: '
            f'{next(iter(results.values()))["metrics"]["spoken_qa/questions"]}.', '',
            '| model | ' + ' | '.join(h for _, h, _ in REPORT_COLUMNS) + ' |',
@@ -314,8 +336,8 @@ def write_report(workdir: str, results: dict[str, dict], baseline: dict, samples
 
 def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs or resumes every part; returns {'results': per model, 'baseline', 'report'}."""
-  start = time.time()
-  progress = Progress(total=7)
+  os.makedirs(workdir, exist_ok=True)
+  progress = Progress(7, workdir)
   progress.stage('synthesising the demo corpus')
   corpus = make_corpus(cfg, workdir)
   progress.stage('preparing it: tokenizers, log-mel, speech codes')
@@ -328,7 +350,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluator = ModelEvaluator(cfg, workdir, data_dir, reference=models['stage2'])
   results = {name: evaluator(name, ckpt) for name, ckpt in models.items()}
   samples = write_samples(evaluator, results['dpo'], workdir, cfg.pipeline.samples)
-  report = write_report(workdir, results, evaluator.baseline, samples, time.time() - start)
+  report = write_report(workdir, results, evaluator.baseline, samples, progress.finish())
   print('\n' + report, flush=True)
   return {'results': results, 'baseline': evaluator.baseline, 'report': report}
 

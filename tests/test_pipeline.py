@@ -82,7 +82,7 @@ def test_quick_start_notebook_shows_the_report_and_samples(finished, monkeypatch
   monkeypatch.setenv('FAC_JAX_WORKDIR', workdir)
   namespace = run_notebook(os.path.join(REPO, 'notebooks', 'quick_start.ipynb'))
   assert 'step ' not in capsys.readouterr().out  # it resumed the finished run
-  assert namespace['result']['report'] == out['report']
+  assert namespace['result']['results'] == out['results']
   assert len(namespace['samples']) == 4
 
 
