@@ -174,7 +174,7 @@ def majority_baseline(asked: list[Question]) -> dict:
   baseline = {}
   for task in {q.task for q in asked}:
     refs = [asr_judge.normalise(q.reference) for q in asked if q.task == task]
-    common = max(set(refs), key=refs.count)
+    common = max(sorted(set(refs)), key=refs.count)
     if task == 'transcription':
       baseline[f'{task}/wer'] = asr_judge.word_error_rate(refs, [common] * len(refs))
     else:

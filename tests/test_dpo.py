@@ -298,14 +298,14 @@ def test_policy_equal_to_reference_gives_log_2(prepared, model_and_steps):
   cfg, _, _ = prepared
   _, params, optimizer, train_step, eval_step, _, batches = model_and_steps
   metrics = dpo.summarise(eval_step(params, params, batches[0]), cfg.dpo)
-  assert float(metrics['loss']) == pytest.approx(math.log(2), abs=1e-6)
+  assert float(metrics['dpo_loss']) == pytest.approx(math.log(2), abs=1e-6)
   for name in ('margin', 'text_margin', 'speech_margin', 'accuracy', 'speech_accuracy',
                'text_chosen_reward', 'speech_rejected_reward'):
     assert float(metrics[name]) == 0.0, name  # both passes run the same program: exact ties
   # In the train step the policy's pass is part of the gradient program and may round
   # differently from the reference's: margins are zero to float32 rounding only.
   _, _, train_metrics = train_step(copied(params), optimizer.init(params), params, batches[0])
-  assert float(train_metrics['loss']) == pytest.approx(math.log(2), abs=1e-5)
+  assert float(train_metrics['dpo_loss']) == pytest.approx(math.log(2), abs=1e-5)
   assert abs(float(train_metrics['margin'])) < 1e-4
   assert float(train_metrics['skipped']) == 0
 
