@@ -1,8 +1,8 @@
 """The duplex model and its streaming loop: with the user silent, duplex steps reproduce the
 half-duplex decode steps of the same weights and the duplex forward the half-duplex forward; the
 teacher-forced streaming loop gives the training forward's logits (window-prefix encoder windows
-included) and, once its bounded caches slide, those of an uncached forward with the sink-plus-window
-mask; the causal log-mel against librosa; duplex checkpoints."""
+included) and, once its bounded caches slide, those of an uncached forward built to mean the
+eviction policy; the causal log-mel against librosa; duplex checkpoints."""
 
 import dataclasses
 
@@ -102,7 +102,8 @@ def tone_exchanges(rng, cfg, count=6):
   exchanges = [timeline.Exchange(
       question=synthetic.tone_speech(rng, rng.uniform(1.2, 2.0)), question_text=f'q{i}',
       answer=f'a{i}', answer_ids=rng.integers(0, plain_vocab, 3).tolist(),
-      answer_codes=rng.integers(0, cfg.speech.bos_id, int(rng.integers(30, 50))), voice='tone')
+      answer_codes=rng.integers(0, cfg.speech.bos_id, int(rng.integers(30, 50))), voice='tone',
+      engine='')
       for i in range(count)]
   return exchanges, {'tone': [synthetic.tone_speech(rng, 0.3) for _ in range(3)]}
 
@@ -146,45 +147,67 @@ def session(tiny):
               forced=teacher_forcing(line, cfg), trained=jax.device_get(forward(params, batch)))
 
 
-def retained_steps(steps: int, window: int, evict: int) -> list[set]:
-  """The session steps each step attends to under the documented policy, re-derived."""
-  kept, visible = [], []
+def eviction_policy(steps: int, window: int, evict: int) -> tuple[list[set], list[int]]:
+  """Re-derived from the documented policy: for each step, the session steps it sees and how many
+  steps had been evicted before it (by which its position and the kept steps' were moved)."""
+  kept, visible, shifts, evicted = [], [], [], 0
   for step in range(steps):
     if len(kept) == window:
-      kept = kept[evict:]
+      kept, evicted = kept[evict:], evicted + evict
     kept.append(step)
     visible.append(set(kept))
-  return visible
+    shifts.append(evicted)
+  return visible, shifts
 
 
-def masked_forward(model, batch, mask):
-  """Text logits (S, V) and code logits (S, 5, codes) of the uncached training forward with
-  `mask` (S, S) as the LLM's attention mask, repeated five-fold (causal inside a step) for the
-  refined head."""
-  group = model.speech_refined_head.group_size
-  length = mask.shape[0]
+def evicting_forward(model, batch, prompt: int, visible: list[set], shifts: list[int]):
+  """Text logits (T, V) and code logits (T, 5, codes) of the session steps, from one uncached
+  forward built to mean what the evicting loop computes: the steps at their own positions, each
+  seeing the steps `visible` to it and a copy of the prompt moved forward by its shift (so that
+  its distance to the prompt is the one the loop's moved positions give)."""
+  steps, group = len(visible), model.speech_refined_head.group_size
+  epochs = sorted(set(shifts))
+  copies = len(epochs) * prompt
+  length = copies + steps
+  mask = np.zeros((length, length), bool)
+  positions = np.concatenate([shift + np.arange(prompt) for shift in epochs]
+                             + [prompt + np.arange(steps)])
+  for e in range(len(epochs)):
+    mask[e * prompt:(e + 1) * prompt, e * prompt:(e + 1) * prompt] = np.tril(
+        np.ones((prompt, prompt), bool))
+  for step in range(steps):
+    e = epochs.index(shifts[step])
+    mask[copies + step, e * prompt:(e + 1) * prompt] = True
+    mask[copies + step, copies + np.asarray(sorted(visible[step]))] = True
   inputs, head_text = model.embed_inputs(batch)
-  hidden = layers.scan_layers(model.llm.decoder.layers, inputs, batch['positions'],
-                              mask[None, None])
-  hidden = model.llm.decoder.final_norm(hidden)
+  sequence = jnp.concatenate([inputs[:, :prompt]] * len(epochs) + [inputs[:, prompt:]], axis=1)
+  hidden = model.llm.decoder.final_norm(layers.scan_layers(
+      model.llm.decoder.layers, sequence, jnp.asarray(positions)[None],
+      jnp.asarray(mask)[None, None]))
+  text = model.llm.lm_head(hidden[0, copies:])
+
   head = model.speech_refined_head
-  sub_mask = jnp.repeat(jnp.repeat(mask, group, 0), group, 1) & jnp.tril(
-      jnp.ones((length * group,) * 2, bool))
-  sub_positions = (batch['positions'][..., None] * group + jnp.arange(group)).reshape(1, -1)
-  head_inputs = model.speech_head_inputs(hidden, head_text, batch['speech_targets'])
-  head_hidden = layers.scan_layers(head.decoder.layers, head.down_projection(head_inputs),
-                                   sub_positions, sub_mask[None, None])
-  codes = model.adapters.code_embedding.attend(head.up_projection(
-      head.decoder.final_norm(head_hidden)))
-  return model.llm.lm_head(hidden)[0], codes[0].reshape(length, group, -1)
+  as_trained = jnp.concatenate([hidden[:, :prompt], hidden[:, copies:]], axis=1)
+  head_inputs = model.speech_head_inputs(as_trained, head_text, batch['speech_targets'])
+  head_sequence = jnp.concatenate([head_inputs[:, :group * prompt]] * len(epochs)
+                                  + [head_inputs[:, group * prompt:]], axis=1)
+  sub = np.arange(length * group)
+  sub_mask = mask[sub[:, None] // group, sub[None, :] // group] & (
+      (sub[:, None] // group != sub[None, :] // group) | (sub[None, :] <= sub[:, None]))
+  sub_positions = (positions[:, None] * group + np.arange(group)).reshape(1, -1)
+  head_hidden = head.decoder.final_norm(layers.scan_layers(
+      head.decoder.layers, head.down_projection(head_sequence), jnp.asarray(sub_positions),
+      jnp.asarray(sub_mask)[None, None]))
+  codes = model.adapters.code_embedding.attend(head.up_projection(head_hidden[0]))
+  return text, codes[copies * group:].reshape(steps, group, -1)
 
 
 def test_streaming_loop_equals_the_training_forward_with_bounded_caches(session):
   """The teacher-forced loop, caches of 12 steps (5 evicted when full) over a 48-step session:
   until the cache is full its text and code logits equal the training forward's at the same
-  positions; throughout they equal an uncached forward whose mask lets each step see the prompt
-  and the steps the documented policy keeps (max abs diff 1e-4; measured about 5e-6). The loop
-  goes through the timeline's phases, and its state keeps its size."""
+  positions; throughout they equal an uncached forward built to mean what the documented
+  eviction policy does (max abs diff 1e-4; measured about 5e-6). The loop goes through the
+  timeline's phases, and its state keeps its size."""
   s = session
   cfg, graphdef, params = s['cfg'], s['graphdef'], s['params']
   window, evict = 12, 5
@@ -203,13 +226,12 @@ def test_streaming_loop_equals_the_training_forward_with_bounded_caches(session)
   full = trained['text_logits'][0, prompt + window:]
   assert np.abs(out['text_logits'][0, window:] - full).max() > 1e-3
 
-  mask = np.tril(np.ones((prompt + steps,) * 2, bool))
-  for step, visible in enumerate(retained_steps(steps, window, evict)):
-    mask[prompt + step, prompt:] = [t in visible for t in range(steps)]
-  text, codes = jax.device_get(jax.jit(
-      lambda p, b, m: masked_forward(nnx.merge(graphdef, p), b, m))(params, s['batch'], mask))
-  assert np.abs(out['text_logits'][0] - text[prompt:]).max() <= 1e-4
-  assert np.abs(out['code_logits'][0] - codes[prompt:]).max() <= 1e-4
+  visible, shifts = eviction_policy(steps, window, evict)
+  assert max(shifts) >= 5 * evict  # several evictions
+  text, codes = jax.device_get(jax.jit(lambda p, b: evicting_forward(
+      nnx.merge(graphdef, p), b, prompt, visible, shifts))(params, s['batch']))
+  assert np.abs(out['text_logits'][0] - text).max() <= 1e-4
+  assert np.abs(out['code_logits'][0] - codes).max() <= 1e-4
 
   start = jax.eval_shape(lambda p: stream.prefill(nnx.merge(graphdef, p), jnp.zeros(
       (1, prompt), jnp.int32), cfg, loop, KEY), params)

@@ -3,15 +3,20 @@ the model 200 ms at a time, in order, as a microphone would deliver it; the mode
 keeps talking over backchannels, yields when interrupted and listens again.
 
   python -m fac_jax.duplex --ckpt=CKPT --audio=conversation.wav --out=reply.wav
-      [--timeline=reply.json] [--detokenizer=speech_tokenizer.npz] [--tail_seconds=3]
-      [--system="..."] [--seed=0] [--window_steps=1500]
+      [--timeline=reply.json] [--detokenizer=DIR|speech_tokenizer.npz] [--tail_seconds=3]
+      [--system="..."] [--seed=0] [--window_steps=N]
 
 CKPT is a duplex checkpoint (python -m fac_jax.duplex.finetune) or a half-duplex one (then the
-silence vector is zero). --out receives a stereo wav at 16 kHz, the user on the left and the
-assistant on the right, each code group played in the 200 ms step after the one that produced
-it; --timeline (default: --out with .json) a JSON with every step (time, user voice activity,
-the assistant's phase and text token) and every reply (steps, text, whether the user was
-speaking when it ended).
+silence vector is zero). --detokenizer voices the codes: a CosyVoice 3 folder written by
+fac_jax.speech.convert_cosyvoice, or a k-means speech tokenizer .npz (its Griffin-Lim
+detokenizer; default: the one in the checkpoint). --out receives a stereo wav at 16 kHz, the
+user on the left and the assistant on the right (resampled from the detokenizer's rate), each
+code group played in the 200 ms step after the one that produced it; --timeline (default: --out
+with .json) a JSON with every step (time, user voice activity, the assistant's phase and text
+token) and every reply (steps, text, whether the user was speaking when it ended). The caches
+keep the system prompt and the last --window_steps steps (fac_jax.duplex.stream); by default as
+many as the sessions the checkpoint was trained on, so that however long the call the model
+meets no longer distance than in training.
 """
 
 import json
@@ -21,27 +26,30 @@ import time
 
 from absl import app, flags
 import jax
+import librosa
 import numpy as np
 import soundfile
 from flax import nnx
 
 from fac_jax import checkpoint, streaming, tokenizer
-from fac_jax.data import audio, speech_tokenizer
+from fac_jax.data import audio
 from fac_jax.duplex import features, model as duplex_model, stream, timeline
+from fac_jax.speech import detokenizer as detokenizer_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('ckpt', None, 'Duplex (or half-duplex) fac_jax checkpoint.')
 flags.DEFINE_string('audio', None, "The user's side of the call: any audio file librosa reads.")
 flags.DEFINE_string('out', None, 'Stereo wav to write (user left, assistant right).')
 flags.DEFINE_string('timeline', None, 'Timeline JSON to write (default: --out with .json).')
-flags.DEFINE_string('detokenizer', None, 'Speech tokenizer .npz whose Griffin-Lim detokenizer '
-                    'voices the codes (default: the one in the checkpoint).')
+flags.DEFINE_string('detokenizer', None, 'A converted CosyVoice 3 folder, or a speech tokenizer '
+                    '.npz (Griffin-Lim; default: the one in the checkpoint).')
 flags.DEFINE_float('tail_seconds', 3.0, 'Silence played after the audio, for a last answer.')
 flags.DEFINE_string('system', None, 'System prompt (default: the one the checkpoint was '
                     'trained with).')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-flags.DEFINE_integer('window_steps', stream.LoopConfig.window_steps,
-                     'Steps kept in the caches after the system prompt (200 ms each).')
+flags.DEFINE_integer('window_steps', None,
+                     'Steps kept in the caches after the system prompt (200 ms each; default: '
+                     'the session length the checkpoint was trained on, else 1500).')
 
 
 def replies_of(steps: list[dict], decode) -> list[dict]:
@@ -72,13 +80,13 @@ def main(argv):
       text_tokenizer = tokenizer.load(official)
     except FileNotFoundError:
       raise ValueError(f'{FLAGS.ckpt} has no tokenizer files in {official}/') from None
-    detokenizer_file = FLAGS.detokenizer or duplex_model.speech_tokenizer_path(FLAGS.ckpt)
-    if not detokenizer_file:
+    detokenizer_path = FLAGS.detokenizer or duplex_model.speech_tokenizer_path(FLAGS.ckpt)
+    if not detokenizer_path:
       raise ValueError(f'{FLAGS.ckpt} holds no speech tokenizer: give --detokenizer')
-    detokenizer = speech_tokenizer.GriffinLimDetokenizer.load(detokenizer_file)
-    if detokenizer.sample_rate != audio.SAMPLE_RATE:
-      raise ValueError(f'{detokenizer_file}: the detokenizer speaks at '
-                       f'{detokenizer.sample_rate} Hz; the call runs at {audio.SAMPLE_RATE} Hz')
+    detokenizer = detokenizer_lib.load(detokenizer_path)
+    if detokenizer.vocab_size > cfg.speech.bos_id:
+      raise ValueError(f'{detokenizer_path} has {detokenizer.vocab_size} codes; the model speaks '
+                       f'{cfg.speech.bos_id}')
     user = audio.load(FLAGS.audio)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
@@ -89,8 +97,8 @@ def main(argv):
   chunk = features.CHUNK_SAMPLES
   steps = -(-(len(user) + int(FLAGS.tail_seconds * audio.SAMPLE_RATE)) // chunk)
   user = np.pad(user, (0, steps * chunk - len(user)))
-  loop = stream.LoopConfig(window_steps=FLAGS.window_steps,
-                           evict_steps=max(1, FLAGS.window_steps // 5))
+  window = FLAGS.window_steps or trained.get('steps', stream.LoopConfig.window_steps)
+  loop = stream.LoopConfig(window_steps=window, evict_steps=max(1, window // 5))
   graphdef, _ = nnx.split(duplex_model.abstract_model(cfg))
   session = stream.Session(graphdef, params, cfg, loop,
                            stream.system_prompt_ids(text_tokenizer, cfg, system),
@@ -103,7 +111,11 @@ def main(argv):
   def play(pieces: list, reply_start: int | None, end: int) -> None:
     """Lays a reply's audio from sample reply_start, cut at sample `end` (where it stopped)."""
     if reply_start is not None and pieces:
-      voice = np.concatenate(pieces)[:min(end, len(assistant)) - reply_start]
+      voice = np.concatenate(pieces)
+      if detokenizer.sample_rate != audio.SAMPLE_RATE:
+        voice = librosa.resample(voice, orig_sr=detokenizer.sample_rate,
+                                 target_sr=audio.SAMPLE_RATE)
+      voice = voice[:min(end, len(assistant)) - reply_start]
       assistant[reply_start:reply_start + len(voice)] = voice
 
   records, took = [], []

@@ -15,7 +15,8 @@ clipping, frozen parameters, steps) are config.train's; a batch holds config.dat
 timelines of config.data.seq_len positions (the system prompt, then one step each).
 
 DIR/final/         the duplex checkpoint (fac_jax.duplex.model), for python -m fac_jax.duplex
-DIR/metrics.json   held-out metrics before and after, and the training losses
+DIR/metrics.json   metrics before and after on held-out timelines (validation exchanges) and on
+                   new timelines of train exchanges, and the training losses
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ from ml_collections import config_flags
 
 from fac_jax import optim, sharding, steps
 from fac_jax import tokenizer as text_tokenizer
-from fac_jax.data import pipeline, prepare, speech_tokenizer
+from fac_jax.data import pipeline, prepare
 from fac_jax.duplex import metrics, model as duplex_model, stream, timeline
 
 SYSTEM_PROMPT = 'Answer the question in a few words.'
@@ -48,7 +49,7 @@ class DuplexData:
   text_tokenizer: object
   prompt_ids: list[int]
   tokenizer_dir: str
-  speech_tokenizer_file: str
+  speech_tokenizer_file: str | None  # a k-means tokenizer .npz (its detokenizer voices codes)
 
   def decode(self, ids, cfg: ml_collections.ConfigDict) -> str:
     special = set(cfg.tokens.values())
@@ -57,17 +58,20 @@ class DuplexData:
 
 def load_data(corpus: str, data_dir: str, cfg: ml_collections.ConfigDict,
               tcfg: timeline.TimelineConfig, system: str = SYSTEM_PROMPT) -> DuplexData:
+  """Exchanges of the corpus's train and validation manifests, read with the text and speech
+  tokenizers of the prepared folder (a k-means one or a recorded S3Tokenizer), and backchannels
+  in their voices."""
+  manifests = {split: os.path.join(corpus, f'{split}.jsonl') for split in ('train', 'validation')}
+  codes = prepare.prepare_tokenizers(data_dir, manifests, cfg, None, None)  # the folder's own
   tokenizer_dir = os.path.join(data_dir, prepare.TOKENIZER_FOLDER)
-  speech_tokenizer_file = os.path.join(data_dir, prepare.SPEECH_TOKENIZER_FILE)
   text = text_tokenizer.load(tokenizer_dir)
-  codes = speech_tokenizer.KMeansSpeechTokenizer.load(speech_tokenizer_file)
-  splits = {split: timeline.load_exchanges(os.path.join(corpus, f'{split}.jsonl'), text, codes)
-            for split in ('train', 'validation')}
-  voices = [e.voice for exchanges in splits.values() for e in exchanges]
-  clips = timeline.backchannel_clips(corpus, voices, tcfg.backchannel_max_steps)
+  splits = {split: timeline.load_exchanges(path, text, codes) for split, path in manifests.items()}
+  clips = timeline.backchannel_clips(corpus, splits['train'] + splits['validation'],
+                                     tcfg.backchannel_max_steps)
+  kmeans = os.path.join(data_dir, prepare.SPEECH_TOKENIZER_FILE)
   return DuplexData(splits['train'], splits['validation'], clips, text,
                     stream.system_prompt_ids(text, cfg, system), tokenizer_dir,
-                    speech_tokenizer_file)
+                    kmeans if os.path.exists(kmeans) else None)
 
 
 def timelines(data: DuplexData, split: str, cfg, tcfg, seed: int, count: int, first: int = 0):
@@ -120,30 +124,43 @@ def _mesh_setup(cfg: ml_collections.ConfigDict):
 
 def finetune(cfg: ml_collections.ConfigDict, params: dict, data: DuplexData,
              tcfg: timeline.TimelineConfig, log=print) -> tuple[dict, list[dict]]:
-  """cfg.train.steps steps of the trainer's SFT step on fresh train timelines (batch i holds
-  timelines [i * B, (i + 1) * B) of seed cfg.seed). Returns the parameters and the logged
-  metrics."""
+  """cfg.train.steps steps of the trainer's SFT step (fac_jax.steps, with its optimizer, clipping
+  and non-finite guard) on fresh train timelines: global batch i holds timelines
+  [i * B, (i + 1) * B) of seed cfg.seed, each process making its own rows. Returns the
+  parameters and the logged metrics."""
   mesh, graphdef, abstract_params, param_shardings = _mesh_setup(cfg)
   optimizer = optim.make_optimizer(cfg.train, abstract_params)
   opt_shardings = steps.optimizer_shardings(jax.eval_shape(optimizer.init, abstract_params),
                                             param_shardings, mesh)
   params = jax.device_put(params, param_shardings)
   opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-  size = cfg.data.batch_size
-  batch_of = lambda i: make_batch(data, timelines(data, 'train', cfg.model, tcfg, cfg.seed, size,
-                                                  i * size), cfg.model, tcfg)
+  if cfg.data.batch_size % jax.process_count():
+    raise ValueError(f'data.batch_size={cfg.data.batch_size} does not split over '
+                     f'{jax.process_count()} processes')
+  size = cfg.data.batch_size // jax.process_count()  # this process's rows
+
+  def batch_of(i: int) -> dict:
+    first = (i * jax.process_count() + jax.process_index()) * size
+    return make_batch(data, timelines(data, 'train', cfg.model, tcfg, cfg.seed, size, first),
+                      cfg.model, tcfg)
+
   batch = batch_of(0)
   train_step, _ = steps.jit_train_step(cfg.model, graphdef, optimizer, mesh, param_shardings,
                                        opt_shardings, batch, cfg.train.grad_accum_steps)
   shardings = pipeline.global_batch_shardings(batch, mesh)
-  history, start = [], time.time()
+  history, start, skipped_in_row = [], time.time(), 0
   for i in range(cfg.train.steps):
     params, opt_state, step_metrics = train_step(params, opt_state,
                                                  pipeline.to_global(batch, shardings))
     if i + 1 < cfg.train.steps:
       batch = batch_of(i + 1)
+    step_metrics = jax.device_get(step_metrics)
+    skipped_in_row = skipped_in_row + 1 if step_metrics['skipped'] else 0
+    if skipped_in_row >= cfg.train.max_skipped_in_row:
+      raise FloatingPointError(f'{skipped_in_row} steps in a row had a non-finite loss or '
+                               f'gradient (last at step {i + 1}); lower the learning rate')
     if (i + 1) % cfg.train.log_every == 0 or i + 1 == cfg.train.steps:
-      entry = {'step': i + 1, **{k: float(v) for k, v in jax.device_get(step_metrics).items()}}
+      entry = {'step': i + 1, **{k: float(v) for k, v in step_metrics.items()}}
       history.append(entry)
       log(f'step {i + 1}/{cfg.train.steps}  loss {entry["loss"]:.4f} (text '
           f'{entry["text_loss"]:.4f}, speech {entry["speech_loss"]:.4f})  '
@@ -171,16 +188,17 @@ def settings(tcfg: timeline.TimelineConfig, system: str) -> dict:
   return {'system_prompt': system, 'timeline': dataclasses.asdict(tcfg)}
 
 
-def format_summary(name: str, summary: dict) -> str:
-  keys = ('turn_taking_success', 'interruption_success', 'backchannel_false_stop',
-          'pause_false_takeover', 'spoken_qa_accuracy', 'response_latency_ms', 'stop_latency_ms')
-  return f'{name:<10}' + ''.join(f'{summary[k]:>24.3f}' for k in keys)
+SUMMARY_COLUMNS = ('turn_taking_success', 'interruption_success', 'backchannel_false_stop',
+                   'pause_false_takeover', 'spoken_qa_accuracy', 'response_latency_ms',
+                   'stop_latency_ms')
 
 
-def summary_header() -> str:
-  return f'{"":<10}' + ''.join(f'{k:>24}' for k in (
-      'turn_taking_success', 'interruption_success', 'backchannel_false_stop',
-      'pause_false_takeover', 'spoken_qa_accuracy', 'response_latency_ms', 'stop_latency_ms'))
+def summary_table(rows: dict[str, dict]) -> str:
+  """Metric summaries (fac_jax.duplex.metrics.summarise) as a fixed-width table."""
+  lines = [f'{"":<22}' + ''.join(f'{k:>24}' for k in SUMMARY_COLUMNS)]
+  lines += [f'{name:<22}' + ''.join(f'{summary[k]:>24.3f}' for k in SUMMARY_COLUMNS)
+            for name, summary in rows.items()]
+  return '\n'.join(lines)
 
 
 def _define_flags() -> None:
@@ -190,7 +208,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('data_dir', None, 'Prepared folder of that corpus (its tokenizers).',
                       required=True)
   flags.DEFINE_string('workdir', None, 'Duplex checkpoint and metrics.', required=True)
-  flags.DEFINE_integer('eval_timelines', 64, 'Held-out timelines scored before and after.')
+  flags.DEFINE_integer('eval_timelines', 64, 'Timelines scored before and after, of held-out '
+                       'exchanges and, for comparison, of train ones.')
   flags.DEFINE_string('system', SYSTEM_PROMPT, 'System prompt of every session.')
 
 
@@ -207,21 +226,25 @@ def main(argv):
         f'{tcfg.steps} steps a timeline', flush=True)
   params = initial_params(cfg)
   graphdef, _ = nnx.split(duplex_model.abstract_model(cfg.model))
-  held_out = timelines(data, 'validation', cfg.model, tcfg, cfg.seed + 1, FLAGS.eval_timelines)
+  sets = {'held-out': timelines(data, 'validation', cfg.model, tcfg, cfg.seed + 1,
+                                FLAGS.eval_timelines),
+          'train items': timelines(data, 'train', cfg.model, tcfg, cfg.seed + 2,
+                                   FLAGS.eval_timelines)}
   simulate = stream.make_simulate_fn(graphdef, cfg.model, loop_config(tcfg))
   key = jax.random.key(cfg.seed)
-  before = evaluate(simulate, params, data, held_out, cfg.model, tcfg, key)
-  print(summary_header() + '\n' + format_summary('before', before), flush=True)
+  scores = {f'before, {name}': evaluate(simulate, params, data, items, cfg.model, tcfg, key)
+            for name, items in sets.items()}
+  print(summary_table(scores), flush=True)
   params, history = finetune(cfg, params, data, tcfg, log=lambda m: print(m, flush=True))
-  after = evaluate(simulate, params, data, held_out, cfg.model, tcfg, key)
-  print(summary_header() + '\n' + format_summary('before', before) + '\n'
-        + format_summary('after', after), flush=True)
+  scores.update({f'after, {name}': evaluate(simulate, params, data, items, cfg.model, tcfg, key)
+                 for name, items in sets.items()})
+  print(summary_table(scores), flush=True)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   duplex_model.save(os.path.join(FLAGS.workdir, 'final'), cfg.model, jax.device_get(params),
                     settings=settings(tcfg, FLAGS.system), tokenizer_dir=data.tokenizer_dir,
                     speech_tokenizer_file=data.speech_tokenizer_file)
   with open(os.path.join(FLAGS.workdir, 'metrics.json'), 'w') as f:
-    json.dump({'before': before, 'after': after, 'train': history}, f, indent=2)
+    json.dump({'scores': scores, 'train': history}, f, indent=2)
 
 
 def run():

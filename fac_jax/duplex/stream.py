@@ -21,10 +21,13 @@ is fed speech pad elsewhere (where training has no speech target).
 
 Bounded memory: the LLM cache holds the system prompt plus `window_steps` steps (the refined
 head's five times that); when it is full, the oldest `evict_steps` steps after the prompt are
-dropped (the prompt stays, as an attention sink) and the rest slide down. Keys keep their rotary
-positions, so attention over the kept steps is exactly what it was. Repetition-penalty histories
-hold the current reply only (at most `history_steps` steps), the encoder window one window of
-mel. Nothing grows with the length of a session.
+dropped (the prompt stays, as an attention sink) and the kept ones slide down in slots and in
+positions (their keys rotated back: StreamingLLM's rolling cache with positions reassigned). So
+after any number of evictions a step computes exactly what a fresh forward over the system prompt
+and the kept steps computes, and positions never pass prompt + window: a model trained on sessions
+of that length meets no longer distance however long the call. Repetition-penalty histories hold
+the current reply only (at most `history_steps` steps), the encoder window one window of mel.
+Nothing grows with the length of a session.
 """
 
 import dataclasses
@@ -36,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from fac_jax.duplex import features
-from fac_jax.model import qwen3
+from fac_jax.model import layers, qwen3
 from fac_jax.sampling import Sampling, select
 
 LISTEN, BOS, SPEAK, EOS, END = range(5)
@@ -104,29 +107,39 @@ def prefill(model, prompt_ids: jax.Array, cfg: ml_collections.ConfigDict, loop: 
   }
 
 
-def _drop(cache: dict, valid: jax.Array, start: int, amount: int) -> tuple[dict, jax.Array]:
-  """Removes cache slots [start, start + amount), sliding the later ones down."""
-  def slide(x, axis):
-    kept = jnp.concatenate([jax.lax.slice_in_dim(x, 0, start, axis=axis),
-                            jax.lax.slice_in_dim(x, start + amount, x.shape[axis], axis=axis)],
-                           axis=axis)
+def _drop(cache: dict, valid: jax.Array, start: int, amount: int,
+          rope_theta: float) -> tuple[dict, jax.Array]:
+  """Removes cache slots [start, start + amount) and slides the later ones down by `amount`
+  slots and `amount` positions: their keys are rotated back by `amount` (RoPE rotates by
+  position, R(-d) R(p) = R(p - d)), as if they had been computed right after the kept ones."""
+  def slide(x, axis, moved=lambda kept: kept):
+    head = jax.lax.slice_in_dim(x, 0, start, axis=axis)
+    kept = moved(jax.lax.slice_in_dim(x, start + amount, x.shape[axis], axis=axis))
     fill = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, amount, axis=axis))
-    return jnp.concatenate([kept, fill], axis=axis)
-  cache = {'k': slide(cache['k'], 2), 'v': slide(cache['v'], 2), 'index': cache['index'] - amount}
+    return jnp.concatenate([head, kept, fill], axis=axis)
+
+  def rotate_back(keys):  # (layers, B, T, K, H)
+    flat = keys.reshape((keys.shape[0] * keys.shape[1],) + keys.shape[2:]).astype(jnp.float32)
+    back = layers.apply_rope(flat, jnp.full(flat.shape[:2], -amount), rope_theta)
+    return back.reshape(keys.shape).astype(keys.dtype)
+
+  cache = {'k': slide(cache['k'], 2, rotate_back), 'v': slide(cache['v'], 2),
+           'index': cache['index'] - amount}
   return cache, slide(valid, 1)
 
 
-def _evict_if_full(state: dict, loop: LoopConfig) -> dict:
+def _evict_if_full(state: dict, cfg: ml_collections.ConfigDict, loop: LoopConfig) -> dict:
   slots = state['llm_valid'].shape[1]
   sink = slots - loop.window_steps  # the system prompt
-  group = state['head_valid'].shape[1] // slots
+  group = cfg.speech.group_size
 
   def evict(s):
-    llm_cache, llm_valid = _drop(s['llm_cache'], s['llm_valid'], sink, loop.evict_steps)
+    llm_cache, llm_valid = _drop(s['llm_cache'], s['llm_valid'], sink, loop.evict_steps,
+                                 cfg.llm.rope_theta)
     head_cache, head_valid = _drop(s['head_cache'], s['head_valid'], group * sink,
-                                   group * loop.evict_steps)
+                                   group * loop.evict_steps, cfg.speech_refined_head.rope_theta)
     return dict(s, llm_cache=llm_cache, llm_valid=llm_valid, head_cache=head_cache,
-                head_valid=head_valid)
+                head_valid=head_valid, position=s['position'] - loop.evict_steps)
   return jax.lax.cond(state['llm_cache']['index'] >= slots, evict, lambda s: s, state)
 
 
@@ -189,7 +202,7 @@ def step(model, state: dict, mel_chunk: jax.Array, user_speech: jax.Array,
   input and the `codes` it speaks next (-1 unless the next phase is SPEAK), per row."""
   tokens, speech = cfg.tokens, cfg.speech
   group = speech.group_size
-  state = _evict_if_full(state, loop)
+  state = _evict_if_full(state, cfg, loop)
   user, mel_window = _user_input(model, state, mel_chunk, user_speech)
   phase = state['phase']
   text_embedding = model.llm.embed_tokens(state['text'])

@@ -79,7 +79,8 @@ class Exchange:
   answer: str
   answer_ids: list[int]  # text tokens of the answer
   answer_codes: np.ndarray  # 25 Hz speech codes of the answer
-  voice: str
+  voice: str  # the user's voice (manifest meta), for backchannels in the same voice
+  engine: str  # its synthesiser (manifest meta), when the corpus was synthesised
 
 
 @dataclasses.dataclass
@@ -108,18 +109,21 @@ def load_exchanges(manifest_path: str, text_tokenizer, codes_tokenizer) -> list[
         question=waveform, question_text=question.text or '', answer=answer.text,
         answer_ids=text_tokenizer.encode(answer.text, add_special_tokens=False).ids,
         answer_codes=codes_tokenizer.encode(audio.load(answer.audio)),
-        voice=conv.meta.get('voice', 'unknown')))
+        voice=conv.meta.get('voice', ''), engine=conv.meta.get('engine', '')))
   if not exchanges:
     raise ValueError(f'{manifest_path} holds no conversation that ends with a spoken question '
                      'and a spoken answer')
   return exchanges
 
 
-def backchannel_clips(corpus_dir: str, voices, max_steps: int) -> dict[str, list[np.ndarray]]:
-  """Backchannels in each espeak-ng voice, synthesised into corpus_dir/audio (cached by name),
-  end silences trimmed; clips longer than `max_steps` chunks are left out."""
+def backchannel_clips(corpus_dir: str, exchanges: list[Exchange],
+                      max_steps: int) -> dict[str, list[np.ndarray]]:
+  """Backchannels in the espeak-ng voice of each exchange that has one, synthesised into
+  corpus_dir/audio (cached by name), end silences trimmed; clips longer than `max_steps` chunks
+  are left out. Questions in other voices are followed by backchannels of these."""
+  voices = sorted({e.voice for e in exchanges if e.engine == synth.ESPEAK})
   speeches = {voice: [synth.Speech(synth.ESPEAK, voice, BACKCHANNEL_SPEED, 50, f'{word}.')
-                      for word in BACKCHANNELS] for voice in sorted(set(voices))}
+                      for word in BACKCHANNELS] for voice in voices}
   synth._synthesise_missing(corpus_dir, [s for per_voice in speeches.values() for s in per_voice],
                             None)
   clips = {}
