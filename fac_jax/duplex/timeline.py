@@ -26,9 +26,10 @@ speech is the chunk voice activity of fac_jax.duplex.features):
               reply after 1-8 steps
 
 A rule that cannot be met where it was drawn (an overlap in a reply too short for it, a last
-question whose answer would not fit the session) is skipped. Realised on the demo corpus over 300
-timelines of 150 steps: 5.9 questions a timeline, 24 % of replies interrupted, 34 % of the others
-backchannelled, 28 % of the questions that do not interrupt paused.
+question whose answer would not fit the session) is skipped. Realised on the default demo corpus
+(200 train exchanges) over 300 timelines of 150 steps: 5.9 questions a timeline, 23 % of replies
+interrupted, 31 % of the others backchannelled, 28 % of the questions that do not interrupt
+paused.
 
 The timeline's events (turns, pauses, backchannels, interruptions, in steps) are what the metrics
 of fac_jax.duplex.metrics are scored against.
