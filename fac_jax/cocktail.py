@@ -40,12 +40,14 @@ def run_cocktail(cfg, workdir: str) -> str:
     if train.is_main_process():
       print(f'merged {summary}', flush=True)
 
-  stage2_cfg = copy.deepcopy(cfg)
-  stage2_cfg.unlock()
-  stage2_cfg.train = copy.deepcopy(cfg.cocktail.stage2)
-  stage2_cfg.train.init_checkpoint = merged
-  train.Trainer(stage2_cfg, stage2).run()
-  return os.path.join(stage2, 'final')
+  m2 = os.path.join(stage2, 'final')
+  if not os.path.exists(m2):
+    stage2_cfg = copy.deepcopy(cfg)
+    stage2_cfg.unlock()
+    stage2_cfg.train = copy.deepcopy(cfg.cocktail.stage2)
+    stage2_cfg.train.init_checkpoint = merged
+    train.Trainer(stage2_cfg, stage2).run()
+  return m2
 
 
 def _define_flags() -> None:

@@ -38,12 +38,12 @@ PREPARED_SPLITS = {'train': 'train', 'validation': 'validation', 'facts': 'text_
 
 def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few minutes' version of cfg's pipeline (--smoke; CI runs it): tiny corpus, espeak-ng only,
-  6 steps a stage, 3 questions a task. Checks that everything runs, not what it learns."""
+  4 steps a stage, 3 questions a task. Checks that everything runs, not what it learns."""
   cfg = copy.deepcopy(cfg)
   cfg.pipeline.update(num_train=36, num_eval=12, num_pref_train=8, num_pref_eval=6, piper='off',
                       eval_questions=3, max_new_tokens=8, merge_alphas=(0.0, 1.0), samples=2)
   for stage in cfg.pipeline.stages.values():
-    stage.update(steps=6, eval_every=6, checkpoint_every=3, log_every=3, eval_batches=1)
+    stage.update(steps=4, eval_every=4, checkpoint_every=4, log_every=2, eval_batches=1)
   return cfg
 
 
