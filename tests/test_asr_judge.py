@@ -47,11 +47,11 @@ def speech(tmp_path_factory):
   """[(engine, 16 kHz waveform, reference)] made the way the demo corpus makes its wavs."""
   out = tmp_path_factory.mktemp('speech')
   os.makedirs(out / 'audio')
-  piper_voice, _ = synth._open_piper('on')
+  piper_voice, _ = synth.open_piper('on')
   clips = []
   for engine, voice, speed, pitch, text in SPEECH:
     utterance = synth.Speech(engine, voice, speed, pitch, text)
-    synth._make_wav(str(out), utterance, piper_voice)
+    synth.make_wav(str(out), utterance, piper_voice)
     clips.append((engine, audio.load(str(out / utterance.path)), text))
   return clips
 

@@ -376,7 +376,7 @@ def test_demo_corpus_pairs_ask_known_questions_in_new_voices_and_noise(tmp_path)
   for record, (user, _, _) in synth.plan(0, 0, 0, False, 2, 0).preferences['train']:
     noisy, _ = sf.read(str(tmp_path / user.path))
     clean = dataclasses.replace(user, noise=None, snr_db=None)
-    synth._make_wav(str(tmp_path), clean, None)
+    synth.make_wav(str(tmp_path), clean, None)
     speech, _ = sf.read(str(tmp_path / clean.path))
     snr = 10 * np.log10(np.mean(speech ** 2) / np.mean((noisy - speech) ** 2))
     assert snr == pytest.approx(user.snr_db, abs=0.3), record['meta']

@@ -13,7 +13,7 @@ HOP_LENGTH = 160
 
 
 @functools.cache
-def _mel_filters(num_mel_bins: int) -> np.ndarray:
+def mel_filters(num_mel_bins: int) -> np.ndarray:
   return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=num_mel_bins, fmin=0.0,
                              fmax=SAMPLE_RATE / 2, htk=False, norm='slaney').astype(np.float64)
 
@@ -72,6 +72,6 @@ def log_mel(waveform: np.ndarray, num_mel_bins: int = 128) -> np.ndarray:
   frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:num_frames]
   window = np.hanning(N_FFT + 1)[:-1]
   power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
-  log_spec = np.log10(np.maximum(power @ _mel_filters(num_mel_bins).T, 1e-10))[:-1]
+  log_spec = np.log10(np.maximum(power @ mel_filters(num_mel_bins).T, 1e-10))[:-1]
   log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
   return ((log_spec + 4.0) / 4.0).astype(np.float32)

@@ -393,7 +393,7 @@ def _require_espeak() -> str:
                         check=True).stdout.strip()
 
 
-def _open_piper(use_piper: str):
+def open_piper(use_piper: str):
   """(piper voice or None, why not or None) for use_piper auto, on or off."""
   if use_piper not in ('auto', 'on', 'off'):
     raise ValueError(f'use_piper must be auto, on or off, got {use_piper!r}')
@@ -456,7 +456,7 @@ def _write_wav(path: str, waveform: np.ndarray, sample_rate: int, speech: Speech
   os.replace(tmp, path)
 
 
-def _make_wav(out_dir: str, speech: Speech, piper_voice) -> None:
+def make_wav(out_dir: str, speech: Speech, piper_voice) -> None:
   if speech.engine == PIPER:
     waveform, sample_rate = _piper_waveform(speech, piper_voice)
   else:
@@ -464,19 +464,19 @@ def _make_wav(out_dir: str, speech: Speech, piper_voice) -> None:
   _write_wav(os.path.join(out_dir, speech.path), waveform, sample_rate, speech)
 
 
-def _synthesise_missing(out_dir: str, speeches: list[Speech], piper_voice) -> int:
+def synthesise_missing(out_dir: str, speeches: list[Speech], piper_voice) -> int:
   """Makes the wavs that do not exist yet, espeak-ng processes on a thread pool, then piper on
   this thread (its phonemiser is global C state, and its model already uses every core).
   Returns how many."""
   missing = [s for s in speeches if not os.path.exists(os.path.join(out_dir, s.path))]
   with tqdm(total=len(missing), desc='synthesising speech', unit='wav') as bar:
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-      for _ in pool.map(lambda s: _make_wav(out_dir, s, piper_voice),
+      for _ in pool.map(lambda s: make_wav(out_dir, s, piper_voice),
                         [s for s in missing if s.engine == ESPEAK]):
         bar.update()
     for speech in missing:
       if speech.engine == PIPER:
-        _make_wav(out_dir, speech, piper_voice)
+        make_wav(out_dir, speech, piper_voice)
         bar.update()
   return len(missing)
 
@@ -518,7 +518,7 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
   are made only when asked for (the command line asks for 200 and 60)."""
   start = time.time()
   espeak_version = _require_espeak()
-  piper_voice, piper_missing = _open_piper(use_piper)
+  piper_voice, piper_missing = open_piper(use_piper)
   corpus = plan(num_train, num_eval, seed, with_piper=piper_voice is not None,
                 num_pref_train=num_pref_train, num_pref_eval=num_pref_eval)
 
@@ -526,7 +526,7 @@ def synthesise(out_dir: str, num_train: int = 600, num_eval: int = 120, seed: in
   speeches = {s.path: s for planned in (corpus.conversations, corpus.preferences)
               for split in SPLITS for _, split_speeches in planned[split]
               for s in split_speeches}
-  made = _synthesise_missing(out_dir, list(speeches.values()), piper_voice)
+  made = synthesise_missing(out_dir, list(speeches.values()), piper_voice)
   seconds = {path: sf.info(os.path.join(out_dir, path)).duration for path in speeches}
 
   records = {split: [record for record, _ in corpus.conversations[split]] for split in SPLITS}

@@ -36,7 +36,7 @@ class CausalLogMel:
   Feeding a waveform whole or in any such pieces gives the same frames."""
 
   def __init__(self, num_mel_bins: int):
-    self.filters = audio._mel_filters(num_mel_bins)
+    self.filters = audio.mel_filters(num_mel_bins)
     self.window = np.hanning(audio.N_FFT + 1)[:-1]
     self.context = np.zeros(_CONTEXT_SAMPLES)
     self.running_max = -np.inf

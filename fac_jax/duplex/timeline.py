@@ -125,7 +125,7 @@ def backchannel_clips(corpus_dir: str, exchanges: list[Exchange],
   voices = sorted({e.voice for e in exchanges if e.engine == synth.ESPEAK})
   speeches = {voice: [synth.Speech(synth.ESPEAK, voice, BACKCHANNEL_SPEED, 50, f'{word}.')
                       for word in BACKCHANNELS] for voice in voices}
-  synth._synthesise_missing(corpus_dir, [s for per_voice in speeches.values() for s in per_voice],
+  synth.synthesise_missing(corpus_dir, [s for per_voice in speeches.values() for s in per_voice],
                             None)
   clips = {}
   for voice, per_voice in speeches.items():
