@@ -63,6 +63,18 @@ class StreamingSpeechDetokenizer(SpeechDetokenizer, Protocol):
     ...
 
 
+def checked_codes(codes, vocab_size: int) -> np.ndarray:
+  """`codes` as a 1-D int32 array, refused (ValueError) unless integers in [0, vocab_size)."""
+  codes = np.asarray(codes)
+  if codes.ndim != 1 or not (codes.size == 0 or np.issubdtype(codes.dtype, np.integer)):
+    raise ValueError(f'expected a 1-D integer array of codes, got {codes.dtype} of shape '
+                     f'{codes.shape}')
+  outside = codes[(codes < 0) | (codes >= vocab_size)]
+  if outside.size:
+    raise ValueError(f'code {int(outside[0])} is outside [0, {vocab_size})')
+  return codes.astype(np.int32)
+
+
 def num_codes(num_samples: int) -> int:
   return int(num_samples / audio.SAMPLE_RATE * FRAME_RATE)
 
@@ -308,13 +320,7 @@ class GriffinLimDetokenizer:
     return cls(KMeansSpeechTokenizer.load(path), **kwargs)
 
   def decode(self, codes: np.ndarray) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.ndim != 1 or not (codes.size == 0 or np.issubdtype(codes.dtype, np.integer)):
-      raise ValueError(f'expected a 1-D integer array of codes, got {codes.dtype} '
-                       f'of shape {codes.shape}')
-    outside = codes[(codes < 0) | (codes >= self.vocab_size)]
-    if outside.size:
-      raise ValueError(f'code {int(outside[0])} is outside [0, {self.vocab_size})')
+    codes = checked_codes(codes, self.vocab_size)
     if codes.size == 0:
       return np.zeros(0, np.float32)
     magnitude = self.magnitudes[codes.astype(np.int64)].reshape(-1, self.magnitudes.shape[-1])

@@ -150,11 +150,16 @@ def flow_arrays(path: str, cfg: flow_lib.FlowConfig) -> dict[str, np.ndarray]:
   return arrays
 
 
-def read_flow_config(path: str | None) -> flow_lib.FlowConfig:
+def _read_config(path: str | None, config_class):
+  """config_class's released sizes, or those of a cosyvoice3.yaml section saved as JSON."""
   if path is None:
-    return flow_lib.FlowConfig()
+    return config_class()
   with open(path, encoding='utf-8') as f:
-    return flow_lib.FlowConfig.from_cosyvoice(json.load(f), path)
+    return config_class.from_cosyvoice(json.load(f), path)
+
+
+def read_flow_config(path: str | None) -> flow_lib.FlowConfig:
+  return _read_config(path, flow_lib.FlowConfig)
 
 
 def convert_flow(flow_path: str, out: str, config_path: str | None = None) -> str:
@@ -239,10 +244,7 @@ def hift_weights(path: str, cfg: hift_lib.HiftConfig) -> dict[str, np.ndarray]:
 
 
 def read_hift_config(path: str | None) -> hift_lib.HiftConfig:
-  if path is None:
-    return hift_lib.HiftConfig()
-  with open(path, encoding='utf-8') as f:
-    return hift_lib.HiftConfig.from_cosyvoice(json.load(f), path)
+  return _read_config(path, hift_lib.HiftConfig)
 
 
 def convert_hift(hift_path: str, out: str, config_path: str | None = None,

@@ -83,15 +83,6 @@ class CosyVoiceDetokenizer:
     return cls(flow_model, hift.load(os.path.join(folder, 'hift')),
                read_speaker(folder, flow_model.config.spk_embed_dim), **kwargs)
 
-  def check_codes(self, codes) -> np.ndarray:
-    codes = np.asarray(codes)
-    if codes.ndim != 1 or not (codes.size == 0 or np.issubdtype(codes.dtype, np.integer)):
-      raise ValueError(f'expected a 1-D integer array of codes, got {codes.dtype} of shape '
-                       f'{codes.shape}')
-    outside = codes[(codes < 0) | (codes >= self.vocab_size)]
-    if outside.size:
-      raise ValueError(f'code {int(outside[0])} is outside [0, {self.vocab_size})')
-    return codes.astype(np.int32)
 
   def segments(self, num_codes: int) -> list[tuple[int, int]]:
     """[start, end) of each segment `decode` cuts num_codes codes into."""
@@ -100,7 +91,7 @@ class CosyVoiceDetokenizer:
   def decode(self, codes, chunk_mask: bool = False) -> np.ndarray:
     """(n,) codes -> (960 n,) float32 waveform; chunk_mask: the flow's block-causal attention
     (what `stream` computes) instead of full attention (Fun-Audio-Chat's offline default)."""
-    codes = self.check_codes(codes)
+    codes = speech_tokenizer.checked_codes(codes, self.vocab_size)
     pieces = [np.zeros(0, np.float32)]
     for start, end in self.segments(len(codes)):
       mel = flow.inference(self.flow, jnp.asarray(codes[start:end])[None], self.embedding,
@@ -147,7 +138,7 @@ class CosyVoiceStream:
     """Adds codes; returns the float32 samples they complete (maybe none)."""
     if self.finished:
       raise ValueError('this stream was finished')
-    codes = self.detokenizer.check_codes(np.ravel(codes))
+    codes = speech_tokenizer.checked_codes(np.ravel(codes), self.detokenizer.vocab_size)
     out = [np.zeros(0, np.float32)]
     while len(codes):
       take = min(len(codes), self.detokenizer.segment_tokens - self.in_segment)
