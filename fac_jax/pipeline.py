@@ -245,7 +245,8 @@ def write_samples(evaluator: ModelEvaluator, result: dict, workdir: str, count: 
 REPORT_COLUMNS = (
     ('speech_eval/loss', 'held-out speech loss', '{:.3f}'),
     ('transcription/wer', 'transcription WER', '{:.1%}'),
-    ('spoken_qa/accuracy', 'spoken QA, text', '{:.1%}'),
+    ('spoken_qa/taught_accuracy', 'spoken QA, taught in speech', '{:.1%}'),
+    ('spoken_qa/text_only_accuracy', 'spoken QA, known only in text', '{:.1%}'),
     ('spoken_qa/speech_accuracy', 'spoken QA, speech', '{:.1%}'),
     ('correct_answer/accuracy', 'QA in noise, text', '{:.1%}'),
     ('text_qa/accuracy', 'text QA (knowledge)', '{:.1%}'),

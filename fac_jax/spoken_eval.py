@@ -5,7 +5,9 @@ its answers are scored as a user would hear them.
   spoken_qa       user speech -> text and speech answer (s2s): accuracy of the text answer, and of
                   the speech answer transcribed back by the ASR judge (fac_jax.asr_judge) after the
                   speech detokenizer; the judge's accuracy on the reference answers' own codes
-                  (detokenized the same way) is the ceiling of the speech score
+                  (detokenized the same way) is the ceiling of the speech score. Where the
+                  corpus marks questions as taught in speech or not (meta taught), also the
+                  accuracy of each part: taught_accuracy, text_only_accuracy
   text_qa         a typed question -> text answer (s2t): what the text base M_0 knew
   correct_answer  a preference pair's spoken question in noise, scored as spoken_qa against the
                   chosen answer
@@ -31,6 +33,7 @@ from fac_jax.model import fun_audio_chat
 
 TASK_MODES = {'transcription': 's2t', 'spoken_qa': 's2s', 'text_qa': 's2t',
               'correct_answer': 's2s'}
+PARTS = {'taught': True, 'text_only': False}  # Question.taught of each reported part
 _POSITION_BUCKET = 32  # prompts are left-padded to a multiple of this: few distinct compiles
 
 
@@ -43,6 +46,7 @@ class Question:
   reference_codes: np.ndarray | None  # its speech codes, when the reference answer is spoken
   source: str  # manifest file and line
   reference_heard: str | None = None  # what the judge hears in reference_codes (hear_references)
+  taught: bool | None = None  # asked in train's speech (True) or known only from text (False)
 
 
 def questions(data_dir: str, split: str, cfg: ml_collections.ConfigDict, tasks: tuple[str, ...],
@@ -66,7 +70,7 @@ def questions(data_dir: str, split: str, cfg: ml_collections.ConfigDict, tasks: 
     codes = (np.asarray(record['codes'][slice(*answer['codes'])]) if 'codes' in answer else None)
     found.append(Question(conv['id'], conv['task'],
                           conversation.format_conversation(pieces, cfg.model), answer['text'],
-                          codes, conv['source']))
+                          codes, conv['source'], taught=(conv.get('meta') or {}).get('taught')))
     if all(count >= per_task for count in counts.values()):
       break
   return found
@@ -131,6 +135,10 @@ def score(asked: list[Question], answers: list[dict], judge: asr_judge.Judge | N
       metrics[f'{task}/wer'] = asr_judge.word_error_rate(refs, hyps)
     else:
       metrics[f'{task}/accuracy'] = float(np.mean(right))
+      for part, taught in PARTS.items():
+        part_right = [ok for (q, _), ok in zip(items, right) if q.taught is taught]
+        if part_right:
+          metrics[f'{task}/{part}_accuracy'] = float(np.mean(part_right))
     heard = [None] * len(items)
     if TASK_MODES[task] == 's2s' and judge is not None:
       heard = _heard(judge, detokenizer, [a['codes'] for _, a in items])
@@ -141,6 +149,7 @@ def score(asked: list[Question], answers: list[dict], judge: asr_judge.Judge | N
     for (q, a), ok, h in zip(items, right, heard):
       records.append({'id': q.id, 'task': task, 'source': q.source, 'reference': q.reference,
                       'answer': a['text'], 'right': bool(ok), 'speech_codes': len(a['codes']),
+                      **({'taught': q.taught} if q.taught is not None else {}),
                       **({'heard': h, 'reference_heard': q.reference_heard}
                          if h is not None else {})})
   return {'metrics': metrics, 'answers': records}
@@ -177,8 +186,14 @@ def majority_baseline(asked: list[Question]) -> dict:
     common = max(sorted(set(refs)), key=refs.count)
     if task == 'transcription':
       baseline[f'{task}/wer'] = asr_judge.word_error_rate(refs, [common] * len(refs))
-    else:
-      baseline[f'{task}/accuracy'] = refs.count(common) / len(refs)
+      continue
+    baseline[f'{task}/accuracy'] = refs.count(common) / len(refs)
+    for part, taught in PARTS.items():
+      part_refs = [asr_judge.normalise(q.reference) for q in asked
+                   if q.task == task and q.taught is taught]
+      if part_refs:
+        baseline[f'{task}/{part}_accuracy'] = (
+            max(part_refs.count(r) for r in part_refs) / len(part_refs))
   return baseline
 
 

@@ -48,7 +48,8 @@ def test_metrics_are_finite_and_in_range(finished):
   cfg, _, out = finished
   for name, result in out['results'].items():
     metrics = result['metrics']
-    for key in ('transcription/wer', 'spoken_qa/accuracy', 'spoken_qa/speech_accuracy',
+    for key in ('transcription/wer', 'spoken_qa/accuracy', 'spoken_qa/taught_accuracy',
+                'spoken_qa/text_only_accuracy', 'spoken_qa/speech_accuracy',
                 'spoken_qa/speech_ceiling', 'correct_answer/accuracy', 'text_qa/accuracy',
                 'speech_eval/loss', 'facts_eval/text_loss', 'preference/accuracy',
                 'preference/text_likelihood_accuracy'):
@@ -91,18 +92,23 @@ def test_scoring_against_hand_built_answers(finished):
   data_dir = os.path.join(workdir, 'prepared')
   tokenizer_file = os.path.join(data_dir, 'speech_tokenizer.npz')
   detokenizer = speech_tokenizer.GriffinLimDetokenizer.load(tokenizer_file)
-  asked = [spoken_eval.Question('a', 'spoken_qa', {}, 'twenty one', None, 'm:1'),
-           spoken_eval.Question('b', 'spoken_qa', {}, 'paris', None, 'm:2'),
+  asked = [spoken_eval.Question('a', 'spoken_qa', {}, 'twenty one', None, 'm:1', taught=True),
+           spoken_eval.Question('b', 'spoken_qa', {}, 'paris', None, 'm:2', taught=False),
+           spoken_eval.Question('e', 'spoken_qa', {}, 'paris', None, 'm:5', taught=False),
            spoken_eval.Question('c', 'transcription', {}, 'the cat sat', None, 'm:3'),
            spoken_eval.Question('d', 'transcription', {}, 'a dog ran far', None, 'm:4')]
   empty = np.zeros(0, np.int64)
   answers = [{'text': 'Twenty-one.', 'codes': empty}, {'text': 'london', 'codes': empty},
+             {'text': 'Paris!', 'codes': empty},
              {'text': 'the cat sat', 'codes': empty}, {'text': 'a dog far away', 'codes': empty}]
   result = spoken_eval.score(asked, answers, None, detokenizer)
-  assert result['metrics']['spoken_qa/accuracy'] == 0.5
+  metrics = result['metrics']
+  assert metrics['spoken_qa/accuracy'] == pytest.approx(2 / 3)
+  assert (metrics['spoken_qa/taught_accuracy'], metrics['spoken_qa/text_only_accuracy']) == (1, 0.5)
   # 'a dog ran far' -> 'a dog far away': one deletion and one insertion over 7 reference words.
-  assert result['metrics']['transcription/wer'] == pytest.approx(2 / 7)
-  assert [r['right'] for r in result['answers']] == [True, False, True, False]
+  assert metrics['transcription/wer'] == pytest.approx(2 / 7)
+  assert [r['right'] for r in result['answers']] == [True, False, True, True, False]
   baseline = spoken_eval.majority_baseline(asked)
-  assert baseline['spoken_qa/accuracy'] == 0.5
+  assert baseline['spoken_qa/accuracy'] == pytest.approx(2 / 3)
+  assert (baseline['spoken_qa/taught_accuracy'], baseline['spoken_qa/text_only_accuracy']) == (1, 1)
   json.dumps(result)

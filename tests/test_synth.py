@@ -130,16 +130,22 @@ def test_held_out_voices_facts_and_arithmetic(corpus, full_plan):
   for split, records in splits.items():
     voices[split] = {(r['meta']['engine'], r['meta']['voice']) for r in records
                      if 'voice' in r['meta']}
-    questions[split] = {r['turns'][0]['text'] for r in records if r['task'] == 'spoken_qa'}
+    for taught in (True, False):
+      questions[split, taught] = {r['turns'][0]['text'] for r in records
+                                  if r['task'] == 'spoken_qa' and r['meta']['taught'] is taught}
     for r in records:
       if r['task'] == 'spoken_qa':
-        assert text_facts[r['turns'][0]['text']] == (r['meta']['answer'], split)
+        assert text_facts[r['turns'][0]['text']] == (
+            r['meta']['answer'], 'train' if r['meta']['taught'] else split)
   assert len(voices['validation']) >= 5 and not voices['validation'] & voices['train']
   assert ('piper', 'joe') in voices['train']
-  assert not questions['validation'] & questions['train']
+  assert not questions['train', False]
+  assert questions['validation', True] <= questions['train', True]
+  text_only = questions['validation', False]
+  assert not text_only & questions['train', True]
   facts = {question for question, _ in synth.FACTS}
-  assert len(questions['validation'] & facts) == round(0.2 * len(synth.FACTS))  # all held out
-  assert len(questions['validation'] - facts) == 120 // 3 // 2  # arithmetic, none repeated
+  assert len(text_only & facts) == round(0.2 * len(synth.FACTS))  # every held-out fact
+  assert len(text_only - facts) == 120 // 3 // 4  # held-out arithmetic, none repeated
   for split in ('train', 'validation'):  # the small corpus is a prefix of the full one
     assert [c.turns[0].text for c in manifests[split]] == [
         r['turns'][0]['text'] for r in splits[split][:len(manifests[split])]]

@@ -8,7 +8,8 @@ writes
   DIR/audio/*.wav          16 kHz mono PCM_16, named by a hash of engine, voice, rate and text, so
                            that a rerun makes only the missing ones
   DIR/train.jsonl          speech conversations: transcription, read_aloud and spoken_qa in turn
-  DIR/validation.jsonl     the same, held out: user voices, facts and arithmetic never in train
+  DIR/validation.jsonl     the same in user voices never in train; half its spoken questions are
+                           train's, half facts and arithmetic that train never asks in speech
   DIR/text_facts.jsonl     every fact and arithmetic item of both splits as a text-only question and
                            answer (task text_qa), to teach a text LLM what the speech split asks
   DIR/prefs_train.jsonl    preference pairs (fac_jax.data.preference, task correct_answer): a spoken
@@ -24,7 +25,8 @@ User speech comes from espeak-ng voice+variant pairs at random rates and pitches
 from piper's joe voice for a share of turns. The assistant speaks with one voice: piper joe, or a
 fixed espeak-ng voice without piper. Conversation meta: voice, engine, speed (espeak-ng words a
 minute, or piper's rate factor) and pitch of the user's speech; assistant_voice and
-assistant_engine of a spoken answer; kind (arithmetic or fact) and answer for spoken_qa.
+assistant_engine of a spoken answer; kind (arithmetic or fact), answer and taught (a question
+train asks in speech) for spoken_qa.
 
 Preference pairs ask train's spoken_qa questions (facts and sums the speech model is taught) with
 white or babble noise (four tone-speech talkers) mixed in at 5 to 15 dB SNR; the held-out pairs are
@@ -263,11 +265,15 @@ def _assistant_meta(speech: Speech) -> dict:
   return {'assistant_voice': speech.voice, 'assistant_engine': speech.engine}
 
 
-def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
+def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, dict[str, list]],
                 espeak_voices: list[str], piper_share: float, assistant: Speech
                 ) -> list[tuple[dict, list[Speech]]]:
   """The split's manifest records, each with the speech its audio paths refer to. Conversation i
-  depends only on (seed, split, i), so a smaller corpus is a prefix of a larger one."""
+  depends only on (seed, split, i), so a smaller corpus is a prefix of a larger one.
+
+  Train asks train's facts and sums. Validation alternates pairs of questions taught in speech
+  (train's items; meta taught true) and held-out items known only from text_facts (taught false);
+  both in its own voices."""
   planned = []
   for i in range(count):
     rng = np.random.default_rng([seed, SPLITS.index(split), i])
@@ -290,14 +296,15 @@ def _plan_split(split: str, count: int, seed: int, qa_items: dict[str, list],
     else:
       qa_index = i // len(TASKS)
       kind = ('arithmetic', 'fact')[qa_index % 2]
-      items = qa_items[kind]
-      question, answer_text = items[(qa_index // 2) % len(items)]
+      taught = split == 'train' or (qa_index // 2) % 2 == 0
+      items = qa_items[kind]['train' if taught else split]
+      question, answer_text = items[(qa_index // (2 if split == 'train' else 4)) % len(items)]
       user = _user_speech(rng, f'{question}?', espeak_voices, piper_share)
       answer = _assistant_speech(assistant, answer_text)
       record['turns'] = [{'role': 'user', 'audio': user.path, 'text': question},
                          {'role': 'assistant', 'text': answer_text, 'audio': answer.path}]
       record['meta'] = {**_user_meta(user), **_assistant_meta(answer), 'kind': kind,
-                        'answer': answer_text}
+                        'answer': answer_text, 'taught': taught}
       speeches = [user, answer]
     planned.append((record, speeches))
   return planned
@@ -375,8 +382,7 @@ def plan(num_train: int, num_eval: int, seed: int, with_piper: bool, num_pref_tr
   conversations, preferences = {}, {}
   for split in SPLITS:
     piper_share = PIPER_USER_SHARE if with_piper and split == 'train' else 0.0
-    split_items = {kind: items[split] for kind, items in qa_items.items()}
-    conversations[split] = _plan_split(split, counts[split], seed, split_items, voices[split],
+    conversations[split] = _plan_split(split, counts[split], seed, qa_items, voices[split],
                                        piper_share, assistant)
     train_items = {kind: items['train'] for kind, items in qa_items.items()}
     preferences[split] = _plan_preferences(split, pair_counts[split], seed, train_items,
