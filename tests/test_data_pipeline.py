@@ -39,6 +39,7 @@ def segment_lengths(batches) -> collections.Counter:
 
 def test_formatting_of_a_hand_checked_record(tiny_config, tmp_path):
   model, tok = tiny_config.model, tiny_config.model.tokens
+  model.encoder.window_frames = 20  # several windows for one second of user audio
   texts = list(conversation.CHAT_TEMPLATE_TEXTS) + ['Be brief.', 'Two.']
   tokenizer = text_tokenizer.train_bpe(texts, dict(tok), str(tmp_path))
   enc = lambda text: tokenizer.encode(text, add_special_tokens=False).ids

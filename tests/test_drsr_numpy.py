@@ -24,6 +24,7 @@ GROUP = 5
 @pytest.fixture
 def setup(tiny_config):
   cfg = tiny_config.model
+  cfg.halve_user_audio = True  # the official training behaviour, which the reference derives
   rng = np.random.default_rng(7)
   tok, sp = cfg.tokens, cfg.speech
   user_mel = rng.normal(size=(53, cfg.encoder.num_mel_bins)).astype(np.float32)

@@ -135,8 +135,12 @@ def test_training_rows_follow_the_timeline(corpus):
   assert not row['user_speech'][:prompt].any() and not row['user_silent'][:prompt].any()
   assert len(row['mel_lengths']) == line.user_speech.sum()  # one encoder window a speech chunk
   mel = features.causal_log_mel(line.user_audio, model_cfg.encoder.num_mel_bins)
-  for window, p in zip(row['mel'], np.flatnonzero(line.user_speech)):
-    np.testing.assert_array_equal(window, mel[20 * p:20 * p + 20])  # tiny: one chunk a window
+  window_frames = model_cfg.encoder.window_frames
+  for window, length, p in zip(row['mel'], row['mel_lengths'], np.flatnonzero(line.user_speech)):
+    k = p % (window_frames // 20)  # the window holds this chunk and the k before it, 20 frames each
+    assert length == 20 * (k + 1)
+    np.testing.assert_array_equal(window[:length], mel[20 * (p - k):20 * (p + 1)])
+    assert not window[length:].any()
 
 
 @pytest.fixture(scope='module')
@@ -146,7 +150,7 @@ def finetuned(corpus):
   overlaps): metrics on 32 held-out timelines before and after, and the parameters."""
   _, data, _ = corpus
   cfg = config_lib.load(f'{REPO}/configs/tiny.py:stage1')
-  cfg.train.update(steps=60, learning_rate=1e-2, end_learning_rate=1e-3, warmup_fraction=0.05,
+  cfg.train.update(steps=60, learning_rate=3e-3, end_learning_rate=3e-4, warmup_fraction=0.05,
                    log_every=60)
   tcfg = timeline.TimelineConfig(steps=56, interruption_rate=0.5, backchannel_rate=0.5)
   cfg.data.update(batch_size=4, seq_len=len(data.prompt_ids) + tcfg.steps)

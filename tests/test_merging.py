@@ -356,7 +356,7 @@ def test_qwen3_base_is_mapped_onto_our_llm(tiny_checkpoints, qwen3_base):
 
 
 def test_qwen3_base_refusals(tiny_checkpoints, qwen3_base):
-  root, _, (_, ft1, _), *_ = tiny_checkpoints
+  root, cfg, (_, ft1, _), *_ = tiny_checkpoints
   folder, _ = qwen3_base
   out = str(root / 'never')
   with pytest.raises(merge.MergeError, match="lacks 42 leaves .*'adapters/code_embedding"):
@@ -368,6 +368,7 @@ def test_qwen3_base_refusals(tiny_checkpoints, qwen3_base):
   hf_config['intermediate_size'] += 1
   with open(os.path.join(wrong, 'config.json'), 'w') as f:
     json.dump(hf_config, f)
-  with pytest.raises(merge.MergeError, match='intermediate_size is 84, ours 83'):
+  ours = cfg.llm.mlp_dim
+  with pytest.raises(merge.MergeError, match=f'intermediate_size is {ours + 1}, ours {ours}'):
     merge.merge_checkpoints('linear', wrong, [ft1], out, include='^llm/', alpha=0.5)
   assert not os.path.exists(out) and not os.path.exists(out + '.incomplete')
