@@ -122,7 +122,9 @@ def train_all(cfg: ml_collections.ConfigDict, workdir: str, data_dir: str,
   """Every training stage and the merge; {model name: checkpoint}."""
   path = lambda name: os.path.join(workdir, MODELS[name])
   progress.stage('text base model M_0 on the facts in text')
-  _train(stage_config(cfg, 'base', data_dir, 'facts', 'facts'), os.path.join(workdir, 'base'))
+  base_cfg = stage_config(cfg, 'base', data_dir, 'facts', 'facts')
+  base_cfg.data.num_windows = 0  # the facts are text: no mel windows, so no encoder in the step
+  _train(base_cfg, os.path.join(workdir, 'base'))
   progress.stage('pre-alignment from M_0 (LLM frozen)')
   _train(stage_config(cfg, 'prealign', data_dir, 'train', 'validation', path('M_0')),
          os.path.join(workdir, 'prealign'))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fac_jax import tokenizer as text_tokenizer
+from fac_jax import config as config_lib, tokenizer as text_tokenizer
 from fac_jax.data import conversation, manifest, synth
 
 MANIFESTS = ('train', 'validation', 'text_facts')
-NUM_TRAIN, NUM_EVAL = 12, 6
+NUM_TRAIN, NUM_EVAL = 12, 8
 # An oracle independent of synth.number_words.
 ONES = 'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen ' \
        'fifteen sixteen seventeen eighteen nineteen'.split()
@@ -53,8 +53,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def full_plan():
-  """The default-size corpus without audio."""
-  return synth.plan(600, 120, seed=0, with_piper=True)
+  """The main job's corpus (configs/tiny.py's sizes) without audio."""
+  sizes = config_lib.load(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'tiny.py')).pipeline
+  return synth.plan(sizes.num_train, sizes.num_eval, seed=0, with_piper=True,
+                    num_pref_train=sizes.num_pref_train, num_pref_eval=sizes.num_pref_eval)
 
 
 def test_manifests_parse_with_every_task(corpus):
@@ -63,9 +66,10 @@ def test_manifests_parse_with_every_task(corpus):
       NUM_TRAIN, NUM_EVAL, len(synth.FACTS) + len(synth.arithmetic_items())]
   for split, count in (('train', NUM_TRAIN), ('validation', NUM_EVAL)):
     tasks = [conv.task for conv in manifests[split]]
-    assert {task: tasks.count(task) for task in synth.TASKS} == {
-        task: count // 3 for task in synth.TASKS}
-    assert summary['splits'][split]['tasks'] == {task: count // 3 for task in synth.TASKS}
+    expected = {task: count * synth.TASK_CYCLE.count(task) // len(synth.TASK_CYCLE)
+                for task in synth.TASKS}
+    assert {task: tasks.count(task) for task in synth.TASKS} == expected
+    assert summary['splits'][split]['tasks'] == expected
     for conv in manifests[split]:
       user, assistant = conv.turns
       assert conv.system == synth.SYSTEM_PROMPTS[conv.task]
@@ -143,9 +147,12 @@ def test_held_out_voices_facts_and_arithmetic(corpus, full_plan):
   assert questions['validation', True] <= questions['train', True]
   text_only = questions['validation', False]
   assert not text_only & questions['train', True]
+  transcribed = {r['turns'][0]['text'] for r in splits['train'] if r['task'] == 'transcription'}
+  assert len(transcribed & questions['train', True]) >= 40  # train's questions, transcribed
+  assert not transcribed & text_only
   facts = {question for question, _ in synth.FACTS}
   assert len(text_only & facts) == round(0.2 * len(synth.FACTS))  # every held-out fact
-  assert len(text_only - facts) == 120 // 3 // 4  # held-out arithmetic, none repeated
+  assert len(text_only - facts) == len(splits['validation']) // 2 // 4  # arithmetic, no repeats
   for split in ('train', 'validation'):  # the small corpus is a prefix of the full one
     assert [c.turns[0].text for c in manifests[split]] == [
         r['turns'][0]['text'] for r in splits[split][:len(manifests[split])]]
@@ -177,11 +184,12 @@ def test_answer_tokens_fit_their_audio_steps(full_plan, tiny_config, tmp_path):
   end-of-turn token within one 200 ms step each of its (at least min_seconds long) audio."""
   records = [r for split in synth.SPLITS for r, _ in full_plan.conversations[split]]
   texts = list(conversation.CHAT_TEMPLATE_TEXTS) + [
-      text for r in records for text in [r['system']] + [t['text'] for t in r['turns']]]
+      text for r in records + full_plan.text_facts
+      for text in [r['system']] + [t['text'] for t in r['turns']]]
   tokenizer = text_tokenizer.train_bpe(texts, dict(tiny_config.model.tokens), str(tmp_path))
   spoken = [(r['turns'][-1]['text'], speeches[-1]) for split in synth.SPLITS
             for r, speeches in full_plan.conversations[split] if 'audio' in r['turns'][-1]]
-  assert len(spoken) == 2 * (600 + 120) // 3
+  assert len(spoken) == 3 * len(records) // 4  # read_aloud and spoken_qa
   for text, speech in spoken:
     assert len(tokenizer.encode(text).ids) + 1 <= int(speech.min_seconds / 0.2), text
 
