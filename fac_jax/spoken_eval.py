@@ -51,29 +51,49 @@ class Question:
 
 def questions(data_dir: str, split: str, cfg: ml_collections.ConfigDict, tasks: tuple[str, ...],
               per_task: int) -> list[Question]:
-  """The first `per_task` conversations of each task in a prepared split, cut after the user's
-  turn and followed by the assistant header."""
+  """`per_task` conversations of each task in a prepared split (in its stored order), cut after
+  the user's turn and followed by the assistant header. Where a task's questions are marked taught
+  or not, half come from each part (the other part fills in where one runs short): the stored
+  order is a hash of the keys, so a plain prefix could miss a part."""
   fmt = pipeline.FormatRecord(os.path.join(data_dir, prepare.TOKENIZER_FOLDER), cfg.model)
   tok = cfg.model.tokens
   header = conversation.Text([tok.im_start] + fmt.encode('assistant\n'), trained=False)
-  found, counts = [], dict.fromkeys(tasks, 0)
+  parts = {task: {} for task in tasks}  # task -> taught (True, False or None) -> questions
   source = prepare.open_split(data_dir, split)
   for index in range(len(source)):
     record = source[index]
     conv = json.loads(record['conversation'])
-    if conv['task'] not in counts or counts[conv['task']] >= per_task:
+    if conv['task'] not in parts:
       continue
-    counts[conv['task']] += 1
+    taught = (conv.get('meta') or {}).get('taught')
+    found = parts[conv['task']].setdefault(taught, [])
+    if len(found) >= per_task:
+      continue
     user, answer = (conv['turns'][0], conv['chosen']) if 'chosen' in conv else conv['turns'][:2]
     pieces = fmt.conversation_pieces({'system': conv['system'], 'turns': [user]}, record,
                                      train_replies=False) + [header]
     codes = (np.asarray(record['codes'][slice(*answer['codes'])]) if 'codes' in answer else None)
     found.append(Question(conv['id'], conv['task'],
                           conversation.format_conversation(pieces, cfg.model), answer['text'],
-                          codes, conv['source'], taught=(conv.get('meta') or {}).get('taught')))
-    if all(count >= per_task for count in counts.values()):
+                          codes, conv['source'], taught=taught))
+    if all(_full(by_part, per_task) for by_part in parts.values()):
       break
-  return found
+  return [q for task in tasks for q in _balanced(parts[task], per_task)]
+
+
+def _full(by_part: dict, per_task: int) -> bool:
+  needed = (True, False) if set(by_part) & {True, False} else (None,)
+  return all(len(by_part.get(part, ())) >= per_task for part in needed)
+
+
+def _balanced(by_part: dict, per_task: int) -> list[Question]:
+  """Up to per_task questions, half taught and half text-only where both parts hold enough."""
+  if not set(by_part) & {True, False}:
+    return by_part.get(None, [])[:per_task]
+  taught, text_only = by_part.get(True, []), by_part.get(False, [])
+  num_taught = max(-(-per_task // 2), per_task - len(text_only))
+  chosen = taught[:num_taught]
+  return chosen + text_only[:per_task - len(chosen)]
 
 
 def _generation_config(mode: str, max_new_tokens: int) -> generate.GenerationConfig:

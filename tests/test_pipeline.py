@@ -60,6 +60,8 @@ def test_metrics_are_finite_and_in_range(finished):
     assert metrics['transcription/wer'] >= 0 and metrics['speech_eval/loss'] > 0
     assert metrics['spoken_qa/questions'] == cfg.pipeline.eval_questions
     assert len(result['answers']) == 4 * cfg.pipeline.eval_questions
+    spoken = [r for r in result['answers'] if r['task'] == 'spoken_qa']
+    assert sum(r['taught'] for r in spoken) == -(-cfg.pipeline.eval_questions // 2), name
   # Against itself, the reference's DPO margins are exactly zero.
   assert out['results']['stage2']['metrics']['preference/margin'] == 0
   assert out['results']['stage2']['metrics']['preference/accuracy'] == 0
@@ -112,3 +114,16 @@ def test_scoring_against_hand_built_answers(finished):
   assert baseline['spoken_qa/accuracy'] == pytest.approx(2 / 3)
   assert (baseline['spoken_qa/taught_accuracy'], baseline['spoken_qa/text_only_accuracy']) == (1, 1)
   json.dumps(result)
+
+
+def test_questions_take_half_of_each_part_and_fill_in_where_one_runs_short():
+  def asked(taught, count):
+    return [spoken_eval.Question(f'{taught}{i}', 'spoken_qa', {}, 'x', None, 'm', taught=taught)
+            for i in range(count)]
+  by_part = {True: asked(True, 5), False: asked(False, 5)}
+  assert [q.taught for q in spoken_eval._balanced(by_part, 5)] == [True] * 3 + [False] * 2
+  by_part = {True: asked(True, 5), False: asked(False, 1)}
+  assert [q.taught for q in spoken_eval._balanced(by_part, 5)] == [True] * 4 + [False]
+  by_part = {True: asked(True, 1), False: asked(False, 5)}
+  assert [q.taught for q in spoken_eval._balanced(by_part, 5)] == [True] + [False] * 4
+  assert len(spoken_eval._balanced({None: asked(None, 7)}, 5)) == 5
