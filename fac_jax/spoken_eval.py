@@ -81,14 +81,20 @@ def questions(data_dir: str, split: str, cfg: ml_collections.ConfigDict, tasks: 
   return [q for task in tasks for q in _balanced(parts[task], per_task)]
 
 
+def _marked(by_part: dict) -> bool:
+  """Whether a task's questions are marked taught or not (questions without a mark are then
+  left out)."""
+  return bool(set(by_part) & set(PARTS.values()))
+
+
 def _full(by_part: dict, per_task: int) -> bool:
-  needed = (True, False) if set(by_part) & {True, False} else (None,)
+  needed = PARTS.values() if _marked(by_part) else (None,)
   return all(len(by_part.get(part, ())) >= per_task for part in needed)
 
 
 def _balanced(by_part: dict, per_task: int) -> list[Question]:
   """Up to per_task questions, half taught and half text-only where both parts hold enough."""
-  if not set(by_part) & {True, False}:
+  if not _marked(by_part):
     return by_part.get(None, [])[:per_task]
   taught, text_only = by_part.get(True, []), by_part.get(False, [])
   num_taught = max(-(-per_task // 2), per_task - len(text_only))
