@@ -54,9 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
                                              num_kv_heads=8, head_dim=128, mlp_dim=3072,
                                              rope_theta=1e6)
   # Continuous speech encoder: Whisper-large-v3 layout, attention inside 2 s mel windows.
+  # `pretrained`: '' starts a model made from scratch with random encoder weights;
+  # 'whisper_tiny_en' with Whisper tiny.en's (fac_jax.model.pretrained_encoder; sizes must fit).
   model.encoder = ml_collections.ConfigDict(dict(
       num_mel_bins=128, hidden_size=1280, num_layers=32, num_heads=20, mlp_dim=5120,
-      window_frames=200, max_positions=1500, norm_eps=1e-5))
+      window_frames=200, max_positions=1500, norm_eps=1e-5, pretrained=''))
   # 25 Hz speech codes: S3Tokenizer-v3 codes 0..6560, then bos (also the delay filler), eos, pad.
   model.speech = ml_collections.ConfigDict(dict(
       codebook_size=6565, bos_id=6561, eos_id=6562, pad_id=6564, group_size=5, delay_groups=2))
@@ -113,7 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
               'dpo': train_config('dpo')},
       eval_questions=40,  # per task and model, from the held-out split
       max_new_tokens=24,  # text tokens per generated answer (5 a second)
-      merge_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), samples=4))  # sweep; sample wavs in the report
+      merge_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), samples=4,  # sweep; sample wavs in the report
+      # model.encoder and data fields the pipeline overrides; with `pretrained` set, every stage
+      # keeps the pretrained part frozen (fac_jax.model.pretrained_encoder.TRUNK_PATTERN).
+      encoder=ml_collections.ConfigDict(), data=ml_collections.ConfigDict()))
 
   # Device mesh: -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

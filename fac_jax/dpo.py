@@ -40,7 +40,7 @@ import ml_collections
 import optax
 
 from fac_jax import batch as batch_lib
-from fac_jax import evaluation, steps
+from fac_jax import evaluation, optim, steps
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import pipeline, preference
 
@@ -183,7 +183,8 @@ def _reference_logps(graphdef, ref_params, batch) -> dict:
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                  dpo_cfg: ml_collections.ConfigDict, grad_accum_steps: int = 1) -> Callable:
+                  dpo_cfg: ml_collections.ConfigDict, grad_accum_steps: int = 1,
+                  frozen=()) -> Callable:
   """(params, opt_state, ref_params, batch) -> (params, opt_state, metrics); pure.
 
   The reference log-probabilities come from a forward pass of `ref_params` in the same step
@@ -191,11 +192,12 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
   form, precomputed). With grad_accum_steps > 1 the pairs are processed in that many row slices,
   each loss over the whole batch's denominators, so the summed gradient is the batch's exactly.
   A step whose loss or gradient is not finite changes nothing and reports `skipped` = 1, as
-  steps.make_train_step does.
+  steps.make_train_step does. `frozen` path patterns are not differentiated.
   """
   check_config(dpo_cfg)
 
   def objective(params, batch, reference, normalisers):
+    params = optim.stop_frozen_gradients(params, frozen)
     stats = pair_statistics(answer_logps(graphdef, params, batch), reference, batch, dpo_cfg)
     dpo_loss, sft_loss = _losses(stats, normalisers)
     return dpo_loss + dpo_cfg.sft_weight * sft_loss, stats
@@ -252,7 +254,8 @@ def jit_dpo_steps(cfg: ml_collections.ConfigDict, graphdef, optimizer, mesh: jax
   batch_lib.check(batch_example['chosen'], cfg.model)
   batch_shardings = pipeline.global_batch_shardings(batch_example, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  train_step = jax.jit(make_dpo_step(graphdef, optimizer, cfg.dpo, cfg.train.grad_accum_steps),
+  train_step = jax.jit(make_dpo_step(graphdef, optimizer, cfg.dpo, cfg.train.grad_accum_steps,
+                                     cfg.train.frozen),
                        in_shardings=(param_shardings, opt_shardings, param_shardings,
                                      batch_shardings),
                        out_shardings=(param_shardings, opt_shardings, replicated),

@@ -29,6 +29,16 @@ def trainable_mask(params: dict, frozen_patterns) -> dict:
       lambda path, _: not any(p.search(path_name(path)) for p in compiled), params)
 
 
+def stop_frozen_gradients(params: dict, frozen_patterns) -> dict:
+  """params with the leaves matching `frozen_patterns` behind stop_gradient: their gradient is
+  zero without being computed, and so is the backward pass below them when nothing there trains
+  (a frozen encoder costs its forward pass only)."""
+  if not frozen_patterns:
+    return params
+  return jax.tree.map(lambda p, trains: p if trains else jax.lax.stop_gradient(p), params,
+                      trainable_mask(params, frozen_patterns))
+
+
 def make_optimizer(train: ml_collections.ConfigDict, params: dict) -> optax.GradientTransformation:
   """The stage's optimizer for a parameter tree (concrete or abstract)."""
   mask = trainable_mask(params, train.frozen)

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import ml_collections
 import numpy as np
@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from fac_jax import asr_judge, cocktail, dpo, files, merge_study, sharding
 from fac_jax import spoken_eval, tokenizer as text_tokenizer, train
 from fac_jax.data import pipeline as data_pipeline, prepare, speech_tokenizer, synth
+from fac_jax.model import pretrained_encoder
 
 # Models evaluated, in training order: name -> path of its checkpoint under the workdir.
 MODELS = {'M_0': 'base/final', 'prealign': 'prealign/final', 'stage1': 'cocktail/stage1/final',
@@ -77,6 +78,19 @@ class Progress:
     self._close()
     self.current = None
     return sum(self.seconds.values())
+
+
+def pipeline_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """cfg with config.pipeline.encoder's fields in model.encoder, config.pipeline.data's in data
+  and, where that encoder is pretrained, its pretrained trunk frozen in every stage."""
+  cfg = copy.deepcopy(cfg)
+  cfg.model.encoder.update(cfg.pipeline.encoder)
+  cfg.data.update(cfg.pipeline.data)
+  if cfg.model.encoder.pretrained:
+    pretrained_encoder.check_config(cfg.model.encoder)
+    for stage in cfg.pipeline.stages.values():
+      stage.frozen = (*stage.frozen, pretrained_encoder.TRUNK_PATTERN)
+  return cfg
 
 
 def stage_config(cfg: ml_collections.ConfigDict, name: str, data_dir: str, train_split: str,
@@ -340,12 +354,12 @@ def write_report(workdir: str, results: dict[str, dict], baseline: dict, samples
 def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs or resumes every part; returns {'results': per model, 'baseline', 'report'}."""
   os.makedirs(workdir, exist_ok=True)
+  cfg = pipeline_model(cfg)
   progress = Progress(7, workdir)
   progress.stage('synthesising the demo corpus')
   corpus = make_corpus(cfg, workdir)
   progress.stage('preparing it: tokenizers, log-mel, speech codes')
   data_dir = prepare_data(cfg, workdir, corpus)
-  cfg = copy.deepcopy(cfg)
   cfg.data.dir = data_dir
   models = train_all(cfg, workdir, data_dir, progress)
   progress.stage('merge sweep and held-out evaluation of every model')
@@ -368,6 +382,8 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every checkpoint read and write
+    logging.set_verbosity(logging.WARNING)
   cfg = flags.FLAGS.config
   run_pipeline(smoke(cfg) if flags.FLAGS.smoke else cfg, flags.FLAGS.workdir)
 

@@ -9,7 +9,7 @@ import ml_collections
 import optax
 
 from fac_jax import batch as batch_lib
-from fac_jax import sharding
+from fac_jax import optim, sharding
 from fac_jax.model import fun_audio_chat
 
 
@@ -18,7 +18,8 @@ def loss_fn(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Arra
   return metrics['loss'], metrics
 
 
-def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_micro: int):
+def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_micro: int,
+                       frozen=()):
   """Gradient and metrics of the whole batch, computed over `num_micro` row slices in sequence.
 
   Each slice's text and speech losses are weighted by its share of the batch's valid targets, so
@@ -28,6 +29,7 @@ def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_mi
   text_total, speech_total = count(batch['text_targets']), count(batch['speech_targets'])
 
   def weighted_loss(params, micro):
+    params = optim.stop_frozen_gradients(params, frozen)
     metrics = fun_audio_chat.compute_losses(nnx.merge(graphdef, params)(micro), micro)
     text_share = (micro['text_targets'] != batch_lib.IGNORE_ID).sum() / text_total
     speech_share = (micro['speech_targets'] != batch_lib.IGNORE_ID).sum() / speech_total
@@ -67,8 +69,10 @@ def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, g
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    grad_accum_steps: int = 1) -> Callable:
+                    grad_accum_steps: int = 1, frozen=()) -> Callable:
   """(params, opt_state, batch) -> (params, opt_state, metrics); pure, no Python side effects.
+
+  `frozen`: the stage's frozen path patterns (train.frozen), whose gradients are not computed.
 
   With grad_accum_steps > 1 the batch's rows are processed in that many slices, one after the
   other, and one update is made from their summed gradient (activation memory of one slice). A
@@ -76,10 +80,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   """
   def train_step(params, opt_state, batch):
     if grad_accum_steps == 1:
-      grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-      (_, metrics), grads = grad_fn(graphdef, params, batch)
+      frozen_loss = lambda p: loss_fn(graphdef, optim.stop_frozen_gradients(p, frozen), batch)
+      (_, metrics), grads = jax.value_and_grad(frozen_loss, has_aux=True)(params)
     else:
-      grads, metrics = _accumulated_grads(graphdef, params, batch, grad_accum_steps)
+      grads, metrics = _accumulated_grads(graphdef, params, batch, grad_accum_steps, frozen)
     return guarded_update(optimizer, params, opt_state, grads, metrics)
   return train_step
 
@@ -125,7 +129,7 @@ def init_sharded(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransf
 
 
 def jit_train_step(cfg: ml_collections.ConfigDict, graphdef, optimizer, mesh, param_shardings,
-                   opt_shardings, batch_example, grad_accum_steps: int = 1):
+                   opt_shardings, batch_example, grad_accum_steps: int = 1, frozen=()):
   """The train step jitted with explicit in/out shardings; params and optimizer state donated.
 
   `batch_example` fixes the batch layout; it is checked against fac_jax.batch first.
@@ -133,7 +137,7 @@ def jit_train_step(cfg: ml_collections.ConfigDict, graphdef, optimizer, mesh, pa
   batch_lib.check(batch_example, cfg)
   batch_shardings = sharding.batch_shardings(batch_example, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(make_train_step(graphdef, optimizer, grad_accum_steps),
+  return jax.jit(make_train_step(graphdef, optimizer, grad_accum_steps, frozen),
                  in_shardings=(param_shardings, opt_shardings, batch_shardings),
                  out_shardings=(param_shardings, opt_shardings, replicated),
                  donate_argnums=(0, 1)), batch_shardings

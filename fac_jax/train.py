@@ -30,7 +30,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from fac_jax import checkpoint, dpo, evaluation, optim, sharding, steps
 from fac_jax.data import pipeline
-from fac_jax.model import fun_audio_chat
+from fac_jax.model import fun_audio_chat, pretrained_encoder
 
 class TrainingError(RuntimeError):
   """Training cannot go on (the message says why)."""
@@ -137,7 +137,8 @@ class Trainer:
     self.stop_requested = False
 
   def initial_state(self) -> TrainState:
-    """Random or `init_checkpoint` parameters, fresh optimizer state."""
+    """Random (with a pretrained encoder where model.encoder.pretrained says) or
+    `init_checkpoint` parameters, fresh optimizer state."""
     init_checkpoint = self.train.init_checkpoint
     if init_checkpoint:
       reader = checkpoint.Reader(init_checkpoint, self.mesh)
@@ -148,6 +149,8 @@ class Trainer:
     else:
       _, params, _, _, _ = steps.init_sharded(self.cfg.model, self.optimizer, self.mesh,
                                               self.cfg.seed)
+      if self.cfg.model.encoder.pretrained:
+        params = pretrained_encoder.with_pretrained_encoder(params, self.cfg.model.encoder)
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
     return TrainState(params, opt_state)
 
@@ -244,7 +247,7 @@ class Trainer:
     shardings = pipeline.global_batch_shardings(first, self.mesh)
     sft_step, _ = steps.jit_train_step(cfg.model, self.graphdef, self.optimizer, self.mesh,
                                        self.param_shardings, self.opt_shardings, first,
-                                       train.grad_accum_steps)
+                                       train.grad_accum_steps, train.frozen)
     eval_step = evaluation.make_eval_step(self.graphdef, self.param_shardings, shardings)
     return (lambda params, opt_state, batch: sft_step(params, opt_state,
                                                       pipeline.to_global(batch, shardings)),

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from fac_jax import steps
+from fac_jax import optim, steps
 from fac_jax.data import conversation, synthetic
 from fac_jax.model import fun_audio_chat
 
@@ -141,3 +141,23 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tiny_config):
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), (new_params, new_opt_state),
                       (params, opt_state))
   assert all(jax.tree.leaves(same))
+
+
+def test_frozen_leaves_are_not_differentiated(tiny_config):
+  """With the LLM frozen (prealign), the step's gradient of every other leaf is the full
+  gradient's, the LLM's is zero, and the compiled step is cheaper: the LLM's weight gradients
+  are never computed."""
+  cfg = tiny_config.model
+  graphdef, params = split_params(cfg)
+  batch = synthetic.batch(np.random.default_rng(7), cfg, batch_size=2, seq_len=96, num_windows=16)
+  frozen = ('^llm/',)
+  loss = lambda p: steps.loss_fn(graphdef, p, batch)[0]
+  frozen_loss = lambda p: steps.loss_fn(graphdef, optim.stop_frozen_gradients(p, frozen), batch)[0]
+  full, partial = (jax.jit(jax.grad(f))(params) for f in (loss, frozen_loss))
+  assert all(np.all(g == 0) for g in jax.tree.leaves(partial['llm']))
+  assert any(np.any(g != 0) for g in jax.tree.leaves(full['llm']))
+  for part in ('continuous_encoder', 'adapters', 'speech_refined_head'):
+    for a, b in zip(jax.tree.leaves(full[part]), jax.tree.leaves(partial[part])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  flops = lambda f: jax.jit(jax.grad(f)).lower(params).compile().cost_analysis()['flops']
+  assert flops(frozen_loss) < 0.9 * flops(loss)

@@ -146,7 +146,8 @@ def finetune(cfg: ml_collections.ConfigDict, params: dict, data: DuplexData,
 
   batch = batch_of(0)
   train_step, _ = steps.jit_train_step(cfg.model, graphdef, optimizer, mesh, param_shardings,
-                                       opt_shardings, batch, cfg.train.grad_accum_steps)
+                                       opt_shardings, batch, cfg.train.grad_accum_steps,
+                                       cfg.train.frozen)
   shardings = pipeline.global_batch_shardings(batch, mesh)
   history, start, skipped_in_row = [], time.time(), 0
   for i in range(cfg.train.steps):

@@ -75,12 +75,10 @@ class ContinuousSpeechEncoder(nnx.Module):
     self.final_norm = layers.layer_norm(d, cfg.norm_eps, **kw)
     self.proj = layers.linear(d, output_dim, ('encoder_embed', 'embed'), use_bias=True, **kw)
 
-  def __call__(self, mel: jax.Array, mel_lengths: jax.Array) -> jax.Array:
-    """mel: (B, W, window_frames, mels); mel_lengths: (B, W) valid frames per window.
-
-    Returns (B, W * window_frames // 4, output_dim): each window's 25 Hz frames in order, zero
-    where a window has no valid frame.
-    """
+  def window_states(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each window through the convolutions and layers: (B * W, window_frames // 2, hidden) at
+    50 Hz, and (B * W,) valid frames of each at that rate. Over one 30 s window this is
+    Whisper's encoder before its final LayerNorm."""
     batch, windows, frames, mels = mel.shape
     if frames != self.window_frames:
       raise ValueError(f'mel windows have {frames} frames; the encoder expects '
@@ -100,8 +98,17 @@ class ContinuousSpeechEncoder(nnx.Module):
     mask = valid_conv[:, None, :, None] & valid_conv[:, None, None, :]
     mask |= jnp.eye(conv_frames, dtype=bool)
     x = sharding.constrain(x, ('batch', 'length', 'encoder_embed'))
-    x = layers.scan_layers(self.layers, x, mask, remat_policy=self.remat_policy)
+    return layers.scan_layers(self.layers, x, mask, remat_policy=self.remat_policy), conv_lengths
 
+  def __call__(self, mel: jax.Array, mel_lengths: jax.Array) -> jax.Array:
+    """mel: (B, W, window_frames, mels); mel_lengths: (B, W) valid frames per window.
+
+    Returns (B, W * window_frames // 4, output_dim): each window's 25 Hz frames in order, zero
+    where a window has no valid frame.
+    """
+    batch, windows = mel.shape[:2]
+    x, conv_lengths = self.window_states(mel, mel_lengths)
+    conv_frames = x.shape[1]
     x = x.reshape(batch * windows, conv_frames // 2, 2, -1).mean(axis=2)
     x = self.proj(self.final_norm(x))
     valid_pooled = jnp.arange(conv_frames // 2)[None, :] < (conv_lengths // 2)[:, None]
