@@ -118,7 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
       merge_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), samples=4,  # sweep; sample wavs in the report
       # model.encoder and data fields the pipeline overrides; with `pretrained` set, every stage
       # keeps the pretrained part frozen (fac_jax.model.pretrained_encoder.TRUNK_PATTERN).
-      encoder=ml_collections.ConfigDict(), data=ml_collections.ConfigDict()))
+      encoder=ml_collections.ConfigDict(), data=ml_collections.ConfigDict(),
+      stage_data=ml_collections.ConfigDict()))  # stage name -> data fields of that stage alone
 
   # Device mesh: -1 fills with the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

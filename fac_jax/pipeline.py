@@ -95,11 +95,13 @@ def pipeline_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def stage_config(cfg: ml_collections.ConfigDict, name: str, data_dir: str, train_split: str,
                  eval_split: str, init_checkpoint: str = '') -> ml_collections.ConfigDict:
-  """cfg with config.pipeline.stages[name] as its trainer settings and these data splits."""
+  """cfg with config.pipeline.stages[name] as its trainer settings, these data splits and the
+  stage's config.pipeline.stage_data."""
   stage = copy.deepcopy(cfg)
   stage.train = copy.deepcopy(cfg.pipeline.stages[name])
   stage.train.init_checkpoint = init_checkpoint
-  stage.data.update(dir=data_dir, train_split=train_split, eval_split=eval_split)
+  stage.data.update(dir=data_dir, train_split=train_split, eval_split=eval_split,
+                    **cfg.pipeline.stage_data.get(name, {}))
   return stage
 
 
@@ -173,6 +175,8 @@ class ModelEvaluator:
                reference: str):
     self.cfg, self.workdir, self.data_dir = copy.deepcopy(cfg), workdir, data_dir
     self.cfg.data.dir = data_dir
+    # Preference pairs are batched as the DPO stage batches them.
+    self.preference_cfg = stage_config(cfg, 'dpo', data_dir, 'prefs_train', 'prefs_validation')
     per_task = cfg.pipeline.eval_questions
     self.questions = (
         spoken_eval.questions(data_dir, 'validation', self.cfg,
@@ -197,12 +201,13 @@ class ModelEvaluator:
     if self._reference_params is None:
       self._reference_params = spoken_eval.load_model(self.reference, self.cfg)[1]
     if self._preference_step is None:
-      first = next(iter(data_pipeline.dpo_dataset(self.cfg, 'prefs_validation', num_epochs=1,
+      first = next(iter(data_pipeline.dpo_dataset(self.preference_cfg, 'prefs_validation',
+                                                  num_epochs=1,
                                                   shuffle=False)))
       self._preference_step = (jax.jit(dpo.make_dpo_eval_step(graphdef, self.cfg.dpo)),
                                data_pipeline.global_batch_shardings(first, self.mesh))
     step, shardings = self._preference_step
-    result = dpo.evaluate(self.cfg, params, self._reference_params, step, shardings,
+    result = dpo.evaluate(self.preference_cfg, params, self._reference_params, step, shardings,
                           'prefs_validation')
     return {f'preference/{k}': result[k] for k in (
         'accuracy', 'margin', 'text_likelihood_accuracy', 'speech_likelihood_accuracy')}

@@ -6,12 +6,14 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
-from fac_jax import pipeline, spoken_eval
+from fac_jax import asr_judge, checkpoint, pipeline, spoken_eval
 from fac_jax.data import speech_tokenizer
+from fac_jax.model import pretrained_encoder
 
 from conftest import run_notebook
 
@@ -42,6 +44,33 @@ def test_every_stage_leaves_its_outputs(finished):
   for name in samples:
     waveform, rate = sf.read(os.path.join(workdir, 'samples', name))
     assert rate == 16000 and len(waveform) > 0 and np.isfinite(waveform).all(), name
+
+
+def test_every_model_keeps_whisper_in_its_encoder_and_trains_its_projection(finished):
+  """The pipeline's encoder starts from Whisper tiny.en and stays frozen through every stage (the
+  merge included); its projection to the LLM width trains."""
+  cfg, workdir, _ = finished
+  assert cfg.pipeline.encoder.pretrained == 'whisper_tiny_en'
+  whisper = pretrained_encoder.trunk_from_whisper(asr_judge.read_weights(
+      os.path.join(asr_judge.default_model_dir(), 'model.bin')))
+  encoders = {name: checkpoint.Reader(os.path.join(workdir, path)).load()['continuous_encoder']
+              for name, path in pipeline.MODELS.items()}
+  for name, encoder in encoders.items():
+    for (key, expected), got in zip(jax.tree_util.tree_flatten_with_path(whisper)[0],
+                                    jax.tree.leaves({k: encoder[k] for k in whisper})):
+      np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f'{name} {key}')
+  assert not np.array_equal(encoders['M_0']['proj']['kernel'], encoders['dpo']['proj']['kernel'])
+
+
+def test_stage_data_sizes_apply_to_their_stage_alone(finished):
+  cfg = pipeline.pipeline_model(finished[0])
+  dpo = pipeline.stage_config(cfg, 'dpo', 'data', 'prefs_train', 'prefs_validation')
+  stage1 = pipeline.stage_config(cfg, 'stage1', 'data', 'train', 'validation')
+  assert (dpo.data.seq_len, dpo.data.num_windows) == (cfg.pipeline.stage_data.dpo.seq_len,
+                                                      cfg.pipeline.stage_data.dpo.num_windows)
+  assert (stage1.data.seq_len, stage1.data.num_windows) == (cfg.data.seq_len,
+                                                            cfg.pipeline.data.num_windows)
+  assert stage1.model.encoder.window_frames == cfg.pipeline.encoder.window_frames
 
 
 def test_metrics_are_finite_and_in_range(finished):
