@@ -89,9 +89,10 @@ PIPER_ASSISTANT_RATE = 0.85
 # One text token goes with each 200 ms step of an answer's audio, so the assistant speaks a little
 # slowly and its audio is padded with silence to a length that holds the answer's BPE tokens and
 # the end-of-turn token: 2.5 characters a token (a 250-token BPE of this corpus averages 3.1) plus
-# four steps for short rare words, which that BPE splits into as many tokens as letters.
+# five steps for short rare words, which that BPE splits into as many tokens as letters (with four,
+# 2 of the pipeline's 3,600 spoken answers lost their last token).
 ASSISTANT_SECONDS_PER_CHAR = 0.08
-ASSISTANT_EXTRA_SECONDS = 0.8
+ASSISTANT_EXTRA_SECONDS = 1.0
 PREFERENCE_TASK = 'correct_answer'
 PREFERENCE_MANIFESTS = {'train': 'prefs_train', 'validation': 'prefs_validation'}
 NOISE_KINDS = ('white', 'babble')
