@@ -144,9 +144,9 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tiny_config):
 
 
 def test_frozen_leaves_are_not_differentiated(tiny_config):
-  """With the LLM frozen (prealign), the step's gradient of every other leaf is the full
-  gradient's, the LLM's is zero, and the compiled step is cheaper: the LLM's weight gradients
-  are never computed."""
+  """With the LLM frozen (prealign), the gradient of every other leaf is the full gradient's and
+  the LLM's is zero; with all but the text head frozen, no backward pass is left to compute but
+  the head's (XLA counts under 60 % of the full gradient's FLOPs, the forward pass included)."""
   cfg = tiny_config.model
   graphdef, params = split_params(cfg)
   batch = synthetic.batch(np.random.default_rng(7), cfg, batch_size=2, seq_len=96, num_windows=16)
@@ -159,5 +159,7 @@ def test_frozen_leaves_are_not_differentiated(tiny_config):
   for part in ('continuous_encoder', 'adapters', 'speech_refined_head'):
     for a, b in zip(jax.tree.leaves(full[part]), jax.tree.leaves(partial[part])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  head_only = lambda p: steps.loss_fn(
+      graphdef, optim.stop_frozen_gradients(p, ('^(?!llm/lm_head/)',)), batch)[0]
   flops = lambda f: jax.jit(jax.grad(f)).lower(params).compile().cost_analysis()['flops']
-  assert flops(frozen_loss) < 0.9 * flops(loss)
+  assert flops(head_only) < 0.6 * flops(loss)
