@@ -145,13 +145,13 @@ def test_training_rows_follow_the_timeline(corpus):
 
 @pytest.fixture(scope='module')
 def finetuned(corpus):
-  """A reduced duplex fine-tune of a random tiny model (60 steps of 4 timelines of 56 steps,
+  """A reduced duplex fine-tune of a random tiny model (100 steps of 4 timelines of 56 steps,
   half the replies interrupted and half the others backchannelled, so that a short run sees
   overlaps): metrics on 32 held-out timelines before and after, and the parameters."""
   _, data, _ = corpus
   cfg = config_lib.load(f'{REPO}/configs/tiny.py:stage1')
-  cfg.train.update(steps=60, learning_rate=3e-3, end_learning_rate=3e-4, warmup_fraction=0.05,
-                   log_every=60)
+  cfg.train.update(steps=100, learning_rate=3e-3, end_learning_rate=3e-4, warmup_fraction=0.05,
+                   log_every=100)
   tcfg = timeline.TimelineConfig(steps=56, interruption_rate=0.5, backchannel_rate=0.5)
   cfg.data.update(batch_size=4, seq_len=len(data.prompt_ids) + tcfg.steps)
   params = finetune.initial_params(cfg)
