@@ -214,7 +214,7 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   return {name: _dequantised(path, name, variables) for name in shapes}
 
 
-def _params(weights: dict[str, np.ndarray]) -> dict:
+def model_params(weights: dict[str, np.ndarray]) -> dict:
   """The parameter pytree of the JAX model: linear weights as (in, out) with the file's fused
   query|key|value (self-attention) and key|value (cross-attention) projections, convolutions as
   (width, in, out)."""
@@ -449,7 +449,7 @@ def load(path: str | None = None) -> Judge:
     if not os.path.isfile(os.path.join(model_dir, name)):
       raise FileNotFoundError(f'{os.path.join(model_dir, name)} does not exist; a CTranslate2 '
                               'Whisper tiny.en directory is expected')
-  return Judge(_params(read_weights(os.path.join(model_dir, 'model.bin'))), model_dir)
+  return Judge(model_params(read_weights(os.path.join(model_dir, 'model.bin'))), model_dir)
 
 
 def spoken_number(n: int) -> str:

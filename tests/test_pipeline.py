@@ -62,8 +62,8 @@ def test_every_model_keeps_whisper_in_its_encoder_and_trains_its_projection(fini
   assert not np.array_equal(encoders['M_0']['proj']['kernel'], encoders['dpo']['proj']['kernel'])
 
 
-def test_stage_data_sizes_apply_to_their_stage_alone(finished):
-  cfg = pipeline.pipeline_model(finished[0])
+def test_stage_data_sizes_apply_to_their_stage_alone(tiny_config):
+  cfg = pipeline.pipeline_model(tiny_config)
   dpo = pipeline.stage_config(cfg, 'dpo', 'data', 'prefs_train', 'prefs_validation')
   stage1 = pipeline.stage_config(cfg, 'stage1', 'data', 'train', 'validation')
   assert (dpo.data.seq_len, dpo.data.num_windows) == (cfg.pipeline.stage_data.dpo.seq_len,

@@ -35,45 +35,40 @@ def check_config(encoder: ml_collections.ConfigDict) -> None:
 
 def trunk_from_whisper(weights: dict[str, np.ndarray], path: str = 'model.bin') -> dict:
   """ContinuousSpeechEncoder's conv1, conv2, layers (stacked along the first axis) and final_norm
-  from asr_judge.read_weights' arrays. Refuses a file whose stored positions are not the sinusoids
-  the encoder computes, or whose fused key projection has a bias (Whisper's has none)."""
+  from asr_judge.read_weights' arrays, by way of the judge's own encoder tree. Refuses a file whose
+  stored positions are not the sinusoids the encoder computes, or whose fused key projection has a
+  bias (Whisper's has none)."""
   width = asr_judge.WIDTH
-  positions = weights['encoder/position_encodings/encodings']
+  whisper = jax.tree.map(np.asarray, asr_judge.model_params(weights)['encoder'])
   # The file stores them in float16: within half a float16 step (2.4e-4 near 1) of the sinusoids.
+  positions = whisper['positions']
   if not np.allclose(positions, audio_encoder.sinusoids(*positions.shape), rtol=0, atol=5e-4):
     raise ValueError(f'{path}: encoder/position_encodings are not Whisper\'s sinusoids, which '
                      'the continuous encoder computes')
-  norm = lambda scope: {'scale': weights[f'{scope}/gamma'], 'bias': weights[f'{scope}/beta']}
-  conv = lambda scope: {'kernel': weights[f'{scope}/weight'].transpose(2, 1, 0),
-                        'bias': weights[f'{scope}/bias']}
 
-  def layer(i):
-    scope = f'encoder/layer_{i}'
-    qkv = weights[f'{scope}/self_attention/linear_0/weight']
-    qkv_bias = weights[f'{scope}/self_attention/linear_0/bias']
+  def layer(i, judge_layer):
+    qkv, qkv_bias = judge_layer['qkv']['kernel'], judge_layer['qkv']['bias']
     if np.any(qkv_bias[width:2 * width]):
-      raise ValueError(f'{path}: {scope}/self_attention/linear_0/bias has a key bias; the '
-                       'continuous encoder\'s k_proj has none')
-    dense = lambda name: {'kernel': weights[f'{name}/weight'].T, 'bias': weights[f'{name}/bias']}
-    return {'q_proj': {'kernel': qkv[:width].T, 'bias': qkv_bias[:width]},
-            'k_proj': {'kernel': qkv[width:2 * width].T},
-            'v_proj': {'kernel': qkv[2 * width:].T, 'bias': qkv_bias[2 * width:]},
-            'out_proj': dense(f'{scope}/self_attention/linear_1'),
-            'self_attn_norm': norm(f'{scope}/self_attention/layer_norm'),
-            'mlp_norm': norm(f'{scope}/ffn/layer_norm'),
-            'fc1': dense(f'{scope}/ffn/linear_0'), 'fc2': dense(f'{scope}/ffn/linear_1')}
+      raise ValueError(f'{path}: encoder/layer_{i}/self_attention/linear_0/bias has a key bias; '
+                       'the continuous encoder\'s k_proj has none')
+    return {'q_proj': {'kernel': qkv[:, :width], 'bias': qkv_bias[:width]},
+            'k_proj': {'kernel': qkv[:, width:2 * width]},
+            'v_proj': {'kernel': qkv[:, 2 * width:], 'bias': qkv_bias[2 * width:]},
+            'out_proj': judge_layer['attention_out'], 'self_attn_norm': judge_layer['attention_norm'],
+            'mlp_norm': judge_layer['mlp_norm'], 'fc1': judge_layer['mlp_in'],
+            'fc2': judge_layer['mlp_out']}
 
-  layers = [layer(i) for i in range(asr_judge.NUM_LAYERS)]
-  return {'conv1': conv('encoder/conv1'), 'conv2': conv('encoder/conv2'),
+  layers = [layer(i, judge_layer) for i, judge_layer in enumerate(whisper['layers'])]
+  return {'conv1': whisper['conv1'], 'conv2': whisper['conv2'],
           'layers': jax.tree.map(lambda *xs: np.stack(xs), *layers),
-          'final_norm': norm('encoder/layer_norm')}
+          'final_norm': whisper['norm']}
 
 
 def with_pretrained_encoder(params: dict, encoder: ml_collections.ConfigDict,
                             model_dir: str | None = None) -> dict:
-  """params (a host or device tree of the whole model) with the continuous encoder's trunk
-  replaced by Whisper tiny.en's; `proj` and everything else as they were. Each leaf keeps its
-  dtype and sharding; a leaf whose shape differs is refused by name."""
+  """params (the whole model's tree of jax.Arrays) with the continuous encoder's trunk replaced
+  by Whisper tiny.en's; `proj` and everything else as they were. Each leaf keeps its dtype and
+  sharding; a leaf whose shape differs is refused by name."""
   check_config(encoder)
   path = os.path.join(model_dir or asr_judge.default_model_dir(), 'model.bin')
   trunk = trunk_from_whisper(asr_judge.read_weights(path), path)
@@ -84,8 +79,7 @@ def with_pretrained_encoder(params: dict, encoder: ml_collections.ConfigDict,
     if new.shape != old.shape:
       raise ValueError(f'{path}: Whisper tiny.en gives {name} the shape {new.shape}; the model '
                        f'has {old.shape}')
-    value = np.asarray(new, old.dtype)
-    return jax.device_put(value, old.sharding) if isinstance(old, jax.Array) else value
+    return jax.device_put(np.asarray(new, old.dtype), old.sharding)
 
   loaded = jax.tree_util.tree_map_with_path(place, trunk, {k: current[k] for k in trunk})
   return {**params, 'continuous_encoder': {**current, **loaded}}
