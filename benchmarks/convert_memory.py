@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def official_config(layers: int) -> dict:
   """The 8B widths (DESIGN.md) with few layers, stored in bfloat16."""
-  from fac_jax import config as config_lib, official_layout
+  from fac_jax import config as config_lib
+  from fac_jax.checkpoints import official_layout
   template = os.path.join(REPO, 'tests', 'testdata', 'official_tiny', 'config.json')
   with open(template) as f:
     hf = json.load(f)
@@ -36,7 +37,8 @@ def write_synthetic(folder: str, layers: int) -> None:
   import ml_dtypes
   import numpy as np
   from flax import nnx
-  from fac_jax import config as config_lib, official_layout, safetensors_io
+  from fac_jax import config as config_lib
+  from fac_jax.checkpoints import official_layout, safetensors_io
   from fac_jax.model import fun_audio_chat
   os.makedirs(folder)
   hf = official_config(layers)
@@ -90,11 +92,11 @@ def main():
     sizes = json.loads(f.read().strip().splitlines()[-1])
   os.remove(sizes_file)
   total, largest = sizes['total'], sizes['largest']
-  _, baseline = measure([py, '-c', 'import jax, orbax.checkpoint, fac_jax.convert; '
+  _, baseline = measure([py, '-c', 'import jax, orbax.checkpoint, fac_jax.checkpoints.convert; '
                          'jax.numpy.zeros(1).block_until_ready()'])
-  import_time, import_rss = measure([py, '-m', 'fac_jax.convert', 'import', f'--hf_dir={hf_dir}',
+  import_time, import_rss = measure([py, '-m', 'fac_jax.checkpoints.convert', 'import', f'--hf_dir={hf_dir}',
                                      f'--out={ckpt}'])
-  export_time, export_rss = measure([py, '-m', 'fac_jax.convert', 'export', f'--ckpt={ckpt}',
+  export_time, export_rss = measure([py, '-m', 'fac_jax.checkpoints.convert', 'export', f'--ckpt={ckpt}',
                                      f'--out={exported}'])
   gb = lambda b: f'{b / 2**30:.2f} GiB'
   rows = [('checkpoint (bfloat16)', gb(total)), ('largest tensor', gb(largest)),

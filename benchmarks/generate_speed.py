@@ -16,10 +16,12 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fac_jax import config as config_lib, generate, streaming  # noqa: E402
-from fac_jax.data import conversation, speech_tokenizer, synthetic  # noqa: E402
+from fac_jax import config as config_lib  # noqa: E402
+from fac_jax.data import conversation, synthetic  # noqa: E402
+from fac_jax.inference import streaming  # noqa: E402
+from fac_jax.inference import generate  # noqa: E402
 from fac_jax.model import fun_audio_chat  # noqa: E402
-
+from fac_jax.speech import speech_tokenizer  # noqa: E402
 STEP_SECONDS = 0.2  # one 5 Hz step of speech
 
 

@@ -18,9 +18,9 @@ import jax
 import optax
 from ml_collections import config_flags
 
-from fac_jax import sharding, steps
-from fac_jax.data import pipeline, prepare, synth
-
+from fac_jax import sharding
+from fac_jax.data import input_pipeline, prepare, synth
+from fac_jax.train import steps
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py'), 'Config.')
 _CONVERSATIONS = flags.DEFINE_integer('conversations', 400, 'Synthesised train conversations.')
@@ -55,7 +55,7 @@ def main(argv):
 
   source = prepare.open_split(cfg.data.dir, 'train')
   n = len(source)
-  format_record = pipeline.FormatRecord(os.path.join(cfg.data.dir, prepare.TOKENIZER_FOLDER),
+  format_record = input_pipeline.FormatRecord(os.path.join(cfg.data.dir, prepare.TOKENIZER_FOLDER),
                                         cfg.model)
   records = [source[i] for i in range(n)]
   rows = []
@@ -67,7 +67,7 @@ def main(argv):
   conversations_per_batch = seconds_per_batch = None
   for workers in (int(w) for w in _WORKERS.value):
     cfg.data.worker_count = workers
-    iterator = iter(pipeline.dataset(cfg, 'train'))
+    iterator = iter(input_pipeline.dataset(cfg, 'train'))
     batches = [next(iterator) for _ in range(3)]  # start-up (worker processes) not timed
     start = time.perf_counter()
     batches = [next(iterator) for _ in range(_BATCHES.value)]

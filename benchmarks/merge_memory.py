@@ -31,7 +31,8 @@ def write_synthetic(folder: str, layers: int, seed: int) -> None:
   sys.path.insert(0, REPO)
   import jax.numpy as jnp
   import numpy as np
-  from fac_jax import checkpoint, config as config_lib
+  from fac_jax.checkpoints import checkpoint
+  from fac_jax import config as config_lib
   rng = np.random.default_rng(seed)
   writer = checkpoint.Writer(folder, config_lib.default_config().model)
   sizes = []
@@ -103,9 +104,9 @@ def main():
     evict_from_page_cache([base, finetuned])
     return measure(argv)
 
-  start_time, baseline = timed([py, '-c', 'import jax, fac_jax.merge; '
+  start_time, baseline = timed([py, '-c', 'import jax, fac_jax.merging.merge; '
                                 'jax.numpy.zeros(1).block_until_ready()'])
-  merge_time, merge_rss = timed([py, '-m', 'fac_jax.merge', '--method=linear', '--alpha=0.5',
+  merge_time, merge_rss = timed([py, '-m', 'fac_jax.merging.merge', '--method=linear', '--alpha=0.5',
                                  f'--base={base}', f'--finetuned={finetuned}', f'--out={merged}'])
   floor_time, floor_rss = timed([py, script, '--io_floor', base, finetuned, floor_out])
   copy_time, copy_rss = timed([py, '-c', f'import shutil; shutil.copytree({finetuned!r}, '
@@ -113,7 +114,7 @@ def main():
 
   gib = lambda b: f'{b / 2**30:.2f} GiB'
   print(f'two float32 checkpoints of {gib(total)} each ({gib(on_disk)} on disk), largest leaf '
-        f'{gib(largest)}; process with jax and fac_jax.merge imported: {gib(baseline)} RSS, '
+        f'{gib(largest)}; process with jax and fac_jax.merging.merge imported: {gib(baseline)} RSS, '
         f'{start_time:.1f} s to start\n')
   print('| run | wall time | peak RSS | peak RSS over the baseline, in largest leaves | '
         'bytes read + written | GB/s | time / I/O floor |\n|---|---|---|---|---|---|---|')

@@ -1,8 +1,6 @@
 """Fun-Audio-Chat-8B: the released sizes (DESIGN.md section 1)."""
 
 from fac_jax import config as base
-
-
 def get_config(stage=None):
   """`configs/fac_8b.py:<stage>`: prealign, stage1 (default) or stage2."""
   config = base.default_config()

@@ -24,7 +24,7 @@ STAGES = {
 
 
 def train_config(stage: str = 'stage1') -> ml_collections.ConfigDict:
-  """Trainer settings of one stage (python -m fac_jax.train)."""
+  """Trainer settings of one stage (python -m fac_jax.train.trainer)."""
   if stage not in STAGES:
     raise ValueError(f'unknown training stage {stage!r}; expected one of {sorted(STAGES)}')
   train = ml_collections.ConfigDict(dict(
@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
                                              rope_theta=1e6)
   # Continuous speech encoder: Whisper-large-v3 layout, attention inside 2 s mel windows.
   # `pretrained`: '' starts a model made from scratch with random encoder weights;
-  # 'whisper_tiny_en' with Whisper tiny.en's (fac_jax.model.pretrained_encoder; sizes must fit).
+  # 'whisper_tiny_en' with Whisper tiny.en's (fac_jax.checkpoints.whisper; sizes must fit).
   model.encoder = ml_collections.ConfigDict(dict(
       num_mel_bins=128, hidden_size=1280, num_layers=32, num_heads=20, mlp_dim=5120,
       window_frames=200, max_positions=1500, norm_eps=1e-5, pretrained=''))
@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.train = train_config()
 
-  # Multi-task DPO (DESIGN.md section 2, step 5; fac_jax.dpo documents every definition). The
+  # Multi-task DPO (DESIGN.md section 2, step 5; fac_jax.train.dpo documents every definition). The
   # report gives no beta: 0.1 is the DPO paper's default. An answer's reward in a channel is
   # beta * (policy - reference) log-probability of its targets there; each channel has its own
   # sigmoid loss, so the speech channel (5 codes per text position) cannot drown the text one.
@@ -99,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
       task_weights=(1.0, 1.0, 1.0, 1.0, 1.0),
       reference_checkpoint=''))  # frozen reference model; '' = train.init_checkpoint
 
-  # Core-Cocktail (python -m fac_jax.cocktail): stage 1 (config.train) -> merge with the base
+  # Core-Cocktail (python -m fac_jax.merging.cocktail): stage 1 (config.train) -> merge with the base
   # M_0 -> stage 2. Only paths matching `include` have a base counterpart; the rest is M_1's.
   config.cocktail = ml_collections.ConfigDict(dict(
       base_checkpoint='', method='linear', alpha=0.5, include='^llm/', exclude='',
@@ -117,7 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
       max_new_tokens=24,  # text tokens per generated answer (5 a second)
       merge_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), samples=4,  # sweep; sample wavs in the report
       # model.encoder and data fields the pipeline overrides; with `pretrained` set, every stage
-      # keeps the pretrained part frozen (fac_jax.model.pretrained_encoder.TRUNK_PATTERN).
+      # keeps the pretrained part frozen (fac_jax.checkpoints.whisper.TRUNK_PATTERN).
       encoder=ml_collections.ConfigDict(), data=ml_collections.ConfigDict(),
       stage_data=ml_collections.ConfigDict()))  # stage name -> data fields of that stage alone
 

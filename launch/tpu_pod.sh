@@ -3,7 +3,7 @@
 # (jax[tpu] and the pinned requirements in a venv), then runs the same command on all workers at
 # once; jax.distributed finds the other workers from the TPU metadata (--multihost).
 # Usage: launch/tpu_pod.sh TPU_NAME ZONE [module] [flags...]
-#   e.g. launch/tpu_pod.sh my-v5p-64 us-east5-a fac_jax.train --config=configs/fac_8b.py:stage1 \
+#   e.g. launch/tpu_pod.sh my-v5p-64 us-east5-a fac_jax.train.trainer --config=configs/fac_8b.py:stage1 \
 #          --workdir=gs://bucket/stage1 --config.data.dir=gs://bucket/data
 # Environment: PROJECT (gcloud project, optional), JAX_TPU_VERSION (default the pinned jax).
 set -euo pipefail
@@ -13,7 +13,7 @@ if [ $# -lt 2 ]; then
 fi
 tpu=$1 zone=$2
 shift 2
-module=${1:-fac_jax.train}
+module=${1:-fac_jax.train.trainer}
 shift || true
 cd "$(dirname "$0")/.."
 jax_version=${JAX_TPU_VERSION:-$(sed -n 's/^jax==//p' requirements.txt)}

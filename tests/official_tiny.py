@@ -7,13 +7,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from fac_jax import checkpoint, convert, generate, sampling
-from fac_jax.batch import IGNORE_ID
-from fac_jax.data import official_batch
 from fac_jax import config as config_lib
-from fac_jax import official_layout
+from fac_jax.batch import IGNORE_ID
+from fac_jax.checkpoints import checkpoint, convert, official_layout
+from fac_jax.data import official_batch
+from fac_jax.inference import generate, sampling
 from fac_jax.model import fun_audio_chat
-
 DIR = os.path.join(os.path.dirname(__file__), 'testdata', 'official_tiny')
 
 
@@ -26,7 +25,7 @@ def model_config():
 
 
 def imported_model(ckpt_dir):
-  """Imports the golden folder with `python -m fac_jax.convert import` logic; the model and its
+  """Imports the golden folder with `python -m fac_jax.checkpoints.convert import` logic; the model and its
   config as the checkpoint holds them."""
   reader = checkpoint.Reader(convert.import_checkpoint(DIR, ckpt_dir))
   cfg = reader.config

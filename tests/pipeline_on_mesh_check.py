@@ -11,18 +11,17 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fac_jax import config as config_lib  # noqa: E402
-from fac_jax import sharding, steps  # noqa: E402
-from fac_jax.data import pipeline  # noqa: E402
-
-
+from fac_jax import sharding  # noqa: E402
+from fac_jax.data import input_pipeline  # noqa: E402
+from fac_jax.train import steps  # noqa: E402
 def main():
   cfg = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py'))
   cfg.data.update(dir=sys.argv[1], batch_size=4, seq_len=64, num_windows=16)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(cfg.mesh)
-  local = next(iter(pipeline.dataset(cfg, 'train')))
-  shardings = pipeline.global_batch_shardings(local, mesh)
-  batch = pipeline.to_global(local, shardings)
+  local = next(iter(input_pipeline.dataset(cfg, 'train')))
+  shardings = input_pipeline.global_batch_shardings(local, mesh)
+  batch = input_pipeline.to_global(local, shardings)
   optimizer = optax.sgd(0.1)
   graphdef, params, opt_state, param_shardings, opt_shardings = steps.init_sharded(
       cfg.model, optimizer, mesh, cfg.seed)

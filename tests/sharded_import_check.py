@@ -14,10 +14,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import official_checkpoint  # noqa: E402
-from fac_jax import checkpoint, convert, sharding  # noqa: E402
+from fac_jax import sharding  # noqa: E402
+from fac_jax.checkpoints import checkpoint, convert  # noqa: E402
 from fac_jax.model import fun_audio_chat  # noqa: E402
-
-
 def main():
   root = tempfile.mkdtemp()
   hf_dir = os.path.join(root, 'hf')

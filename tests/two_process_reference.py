@@ -1,4 +1,4 @@
-"""Run by test_train.py: what two processes of `fac_jax.train` must compute, in one process.
+"""Run by test_train.py: what two processes of `fac_jax.train.trainer` must compute, in one process.
 
 The global batch of a two-process run is process 0's local rows then process 1's; here both
 local pipelines run in this process and their rows are concatenated. Prints the train losses as
@@ -16,10 +16,11 @@ from flax import nnx
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fac_jax import optim, sharding, steps  # noqa: E402
-from fac_jax.data import pipeline  # noqa: E402
+from fac_jax import sharding  # noqa: E402
+from fac_jax.data import input_pipeline  # noqa: E402
 from fac_jax.model import fun_audio_chat  # noqa: E402
-
+from fac_jax.train import steps  # noqa: E402
+from fac_jax.train import optim  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config.')
 _OUT = flags.DEFINE_string('out', None, 'Where to save the final parameters.')
 
@@ -32,7 +33,7 @@ def main(argv):
   optimizer = optim.make_optimizer(cfg.train, abstract)
   graphdef, params, opt_state, param_shardings, opt_shardings = steps.init_sharded(
       cfg.model, optimizer, mesh, cfg.seed)
-  local = [iter(pipeline.dataset(cfg, cfg.data.train_split, process_index=i, process_count=2))
+  local = [iter(input_pipeline.dataset(cfg, cfg.data.train_split, process_index=i, process_count=2))
            for i in range(2)]
   next_batch = lambda: {name: np.concatenate([b[name] for b in batches])
                         for batches in [[next(it) for it in local]] for name in batches[0]}

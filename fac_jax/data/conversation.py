@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 
 from fac_jax.batch import FIELDS, IGNORE_ID
-
 # Text of the ChatML template around turns (a trained tokenizer must know these).
 CHAT_TEMPLATE_TEXTS = ('system\n', 'user\n', 'assistant\n', '\n')
 
@@ -163,7 +162,7 @@ def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
 
 def prompt_batch(examples: list[dict], cfg: ml_collections.ConfigDict, prompt_len: int | None = None,
                  num_windows: int | None = None) -> dict:
-  """Generation prompts (fac_jax.generate): one formatted conversation a row, left-padded to
+  """Generation prompts (fac_jax.inference.generate): one formatted conversation a row, left-padded to
   `prompt_len` positions (default: the longest), mel windows padded to `num_windows`; no targets."""
   prompt_len = prompt_len or max(len(e['input_ids']) for e in examples)
   num_windows = num_windows or max(len(e['mel_lengths']) for e in examples)

@@ -22,7 +22,6 @@ import json
 import os
 
 from fac_jax import files
-
 ROLES = ('user', 'assistant')
 
 

@@ -25,7 +25,6 @@ import dataclasses
 import json
 
 from fac_jax.data import manifest
-
 ANSWER_FIELDS = ('chosen', 'rejected')
 
 

@@ -40,10 +40,10 @@ import tensorflow_datasets as tfds
 import tqdm
 from ml_collections import config_flags
 
-from fac_jax import files, tokenizer as text_tokenizer
-from fac_jax.data import audio, conversation, manifest, preference, speech_tokenizer
-from fac_jax.speech import s3tokenizer
-
+from fac_jax import audio, files
+from fac_jax.checkpoints import text_tokenizer
+from fac_jax.data import conversation, manifest, preference
+from fac_jax.speech import s3tokenizer, speech_tokenizer
 DATASET_NAME = 'conversation_dataset'
 SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
 SPEECH_TOKENIZER_RECORD = 'speech_tokenizer.json'  # where a converted S3Tokenizer folder is

@@ -55,9 +55,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from fac_jax import files
-from fac_jax.data import audio, manifest, preference, synthetic
-
+from fac_jax import audio, files
+from fac_jax.data import manifest, preference, synthetic
 SYSTEM_PROMPTS = {
     'transcription': 'Transcribe the speech.',
     'read_aloud': 'Read the text aloud.',

@@ -13,4 +13,6 @@ and the next code group.
   metrics.py    turn-taking, interruption, backchannel, pause and spoken-QA metrics
   finetune.py   `python -m fac_jax.duplex.finetune`: the duplex fine-tune and its evaluation
   __main__.py   `python -m fac_jax.duplex`: a simulated live call, stereo wav and timeline out
+
+May import every stage but pipeline/.
 """

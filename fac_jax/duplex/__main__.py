@@ -31,11 +31,11 @@ import numpy as np
 import soundfile
 from flax import nnx
 
-from fac_jax import checkpoint, streaming, tokenizer
-from fac_jax.data import audio
+from fac_jax import audio
+from fac_jax.checkpoints import checkpoint, text_tokenizer
 from fac_jax.duplex import features, model as duplex_model, stream, timeline
+from fac_jax.inference import streaming
 from fac_jax.speech import detokenizer as detokenizer_lib
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string('ckpt', None, 'Duplex (or half-duplex) fac_jax checkpoint.')
 flags.DEFINE_string('audio', None, "The user's side of the call: any audio file librosa reads.")
@@ -77,7 +77,7 @@ def main(argv):
     cfg, params, settings = duplex_model.load(FLAGS.ckpt)
     official = os.path.join(FLAGS.ckpt, checkpoint.OFFICIAL)
     try:
-      text_tokenizer = tokenizer.load(official)
+      tokenizer = text_tokenizer.load(official)
     except FileNotFoundError:
       raise ValueError(f'{FLAGS.ckpt} has no tokenizer files in {official}/') from None
     detokenizer_path = FLAGS.detokenizer or duplex_model.speech_tokenizer_path(FLAGS.ckpt)
@@ -101,10 +101,10 @@ def main(argv):
   loop = stream.LoopConfig(window_steps=window, evict_steps=max(1, window // 5))
   graphdef, _ = nnx.split(duplex_model.abstract_model(cfg))
   session = stream.Session(graphdef, params, cfg, loop,
-                           stream.system_prompt_ids(text_tokenizer, cfg, system),
+                           stream.system_prompt_ids(tokenizer, cfg, system),
                            jax.random.key(FLAGS.seed), vad_threshold)
   special = set(cfg.tokens.values())
-  decode = lambda ids: text_tokenizer.decode([i for i in ids if i not in special])
+  decode = lambda ids: tokenizer.decode([i for i in ids if i not in special])
 
   assistant = np.zeros_like(user)
 
@@ -124,7 +124,7 @@ def main(argv):
   for p in range(steps):
     records.append({'step': p, 'time': round(p * features.STEP_SECONDS, 1),
                     'phase': stream.PHASE_NAMES[phase], 'token': token,
-                    'text': text_tokenizer.id_to_token(token) or ''})
+                    'text': tokenizer.id_to_token(token) or ''})
     start = time.perf_counter()
     result = session.push(user[p * chunk:(p + 1) * chunk])
     took.append(time.perf_counter() - start)

@@ -4,7 +4,7 @@ log-mel, whether each chunk holds speech, and how a chunk is laid out for the co
 Step p of a session covers user samples [3200 p, 3200 (p + 1)), i.e. mel frames [20 p, 20 p + 20)
 and, after the encoder, the 5 frames at 25 Hz that make one LLM position.
 
-Causal log-mel: Whisper-v3's definition (fac_jax.data.audio.log_mel) with two changes so that a
+Causal log-mel: Whisper-v3's definition (fac_jax.audio.log_mel) with two changes so that a
 chunk's frames never depend on later audio. Frame t covers samples [160 t - 240, 160 t + 160), a
 window that ends where its hop ends (Whisper centres it and reads 200 samples ahead), with zeros
 before the stream starts; and the dynamic-range floor is the running maximum of the frames so far
@@ -21,8 +21,8 @@ one chunk long (tiny config) every chunk is exactly its offline encoding.
 
 import numpy as np
 
-from fac_jax.data import audio, speech_tokenizer
-
+from fac_jax import audio
+from fac_jax.speech import speech_tokenizer
 STEP_SECONDS = 0.2
 CHUNK_MEL_FRAMES = 5 * speech_tokenizer.FRAMES_PER_CODE  # 20 frames at 100 Hz
 CHUNK_SAMPLES = CHUNK_MEL_FRAMES * audio.HOP_LENGTH  # 3200 samples at 16 kHz

@@ -32,11 +32,11 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
-from fac_jax import optim, sharding, steps
-from fac_jax import tokenizer as text_tokenizer
-from fac_jax.data import pipeline, prepare
+from fac_jax import sharding
+from fac_jax.checkpoints import text_tokenizer
+from fac_jax.data import input_pipeline, prepare
 from fac_jax.duplex import metrics, model as duplex_model, stream, timeline
-
+from fac_jax.train import optim, steps
 SYSTEM_PROMPT = 'Answer the question in a few words.'
 
 
@@ -124,7 +124,7 @@ def _mesh_setup(cfg: ml_collections.ConfigDict):
 
 def finetune(cfg: ml_collections.ConfigDict, params: dict, data: DuplexData,
              tcfg: timeline.TimelineConfig, log=print) -> tuple[dict, list[dict]]:
-  """cfg.train.steps steps of the trainer's SFT step (fac_jax.steps, with its optimizer, clipping
+  """cfg.train.steps steps of the trainer's SFT step (fac_jax.train.steps, with its optimizer, clipping
   and non-finite guard) on fresh train timelines: global batch i holds timelines
   [i * B, (i + 1) * B) of seed cfg.seed, each process making its own rows. Returns the
   parameters and the logged metrics."""
@@ -148,11 +148,11 @@ def finetune(cfg: ml_collections.ConfigDict, params: dict, data: DuplexData,
   train_step, _ = steps.jit_train_step(cfg.model, graphdef, optimizer, mesh, param_shardings,
                                        opt_shardings, batch, cfg.train.grad_accum_steps,
                                        cfg.train.frozen)
-  shardings = pipeline.global_batch_shardings(batch, mesh)
+  shardings = input_pipeline.global_batch_shardings(batch, mesh)
   history, start, skipped_in_row = [], time.time(), 0
   for i in range(cfg.train.steps):
     params, opt_state, step_metrics = train_step(params, opt_state,
-                                                 pipeline.to_global(batch, shardings))
+                                                 input_pipeline.to_global(batch, shardings))
     if i + 1 < cfg.train.steps:
       batch = batch_of(i + 1)
     step_metrics = jax.device_get(step_metrics)

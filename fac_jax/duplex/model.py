@@ -37,9 +37,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fac_jax import checkpoint
+from fac_jax.checkpoints import checkpoint
 from fac_jax.model import fun_audio_chat
-
 DUPLEX_FOLDER = 'duplex'
 SILENCE_FILE = 'user_silence.npy'
 SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'

@@ -14,7 +14,7 @@ The assistant channel is in one of five phases; a step's phase fixes its assista
   EOS     <|audio_eos|>     -         E            END
   END     <|im_end|>        -         E            as after LISTEN
 
-This is the half-duplex reply format (fac_jax.generate) between <|audio_bos|> and <|im_end|>,
+This is the half-duplex reply format (fac_jax.inference.generate) between <|audio_bos|> and <|im_end|>,
 with listening steps around it; in every phase the user stream (fac_jax.duplex.model) is added.
 The refined head runs at every step, as in training: it samples codes at BOS and SPEAK steps and
 is fed speech pad elsewhere (where training has no speech target).
@@ -39,9 +39,8 @@ import numpy as np
 from flax import nnx
 
 from fac_jax.duplex import features
+from fac_jax.inference.sampling import Sampling, select
 from fac_jax.model import layers, qwen3
-from fac_jax.sampling import Sampling, select
-
 LISTEN, BOS, SPEAK, EOS, END = range(5)
 PHASE_NAMES = ('listen', 'bos', 'speak', 'eos', 'end')
 

@@ -43,12 +43,12 @@ import librosa
 import ml_collections
 import numpy as np
 
+from fac_jax import audio
 from fac_jax.batch import IGNORE_ID
-from fac_jax.data import audio, conversation, manifest, synth
+from fac_jax.data import conversation, manifest, synth
 from fac_jax.duplex import features
 from fac_jax.duplex.model import USER_FIELDS
 from fac_jax.duplex.stream import BOS, END, EOS, LISTEN, SPEAK
-
 VAD_THRESHOLD = 0.01  # chunk RMS above which the user speaks (about -40 dBFS)
 BACKCHANNELS = ('yeah', 'okay', 'uh huh', 'right', 'sure', 'mm hmm', 'i see')
 BACKCHANNEL_SPEED = 220  # espeak-ng words a minute: backchannels are quick

@@ -8,8 +8,6 @@ import ml_collections
 
 from fac_jax import sharding
 from fac_jax.model import layers
-
-
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
   """Whisper's fixed position table, [sin | cos]."""
   log_increment = np.log(max_timescale) / (channels // 2 - 1)

@@ -14,8 +14,6 @@ import optax
 
 from fac_jax.batch import IGNORE_ID
 from fac_jax.model import audio_encoder, layers, qwen3
-
-
 class GroupingAdapters(nnx.Module):
   """DRSR input side: groups of 5 speech vectors -> one LLM position.
 

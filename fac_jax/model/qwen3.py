@@ -7,8 +7,6 @@ import ml_collections
 
 from fac_jax import sharding
 from fac_jax.model import layers
-
-
 class Attention(nnx.Module):
   """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 

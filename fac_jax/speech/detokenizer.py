@@ -22,9 +22,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from fac_jax.data import speech_tokenizer
-from fac_jax.speech import flow, hift, s3tokenizer
-
+from fac_jax.speech import flow, hift, s3tokenizer, speech_tokenizer
 SPEAKER_FILE = 'speaker.json'
 DEFAULT_SPEAKER = '中文女'  # the voice of Fun-Audio-Chat's utils/new_spk2info.pt it speaks with
 SEGMENT_TOKENS = 750  # 30 s of codes: Fun-Audio-Chat decodes long answers in such segments
@@ -53,7 +51,7 @@ def read_speaker(folder: str, dim: int) -> np.ndarray:
 
 
 class CosyVoiceDetokenizer:
-  """Codes in [0, vocab_size) -> 24 kHz waveform (fac_jax.data.speech_tokenizer's
+  """Codes in [0, vocab_size) -> 24 kHz waveform (fac_jax.speech.speech_tokenizer's
   SpeechDetokenizer, and a streaming one). lookahead: the flow's pre-look-ahead, the codes after
   the last one played that a streaming caller waits for."""
 

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fac_jax.data import audio
+from fac_jax import audio
 from fac_jax.model import layers
 from fac_jax.speech import weights
-
 HEAD_DIM = 64  # the reference hard-wires its rotary table to 64-wide heads
 ROPE_THETA = 10000.0
 FSMN_TAPS = 31
@@ -183,7 +182,7 @@ def pieces(total: int, piece: int = PIECE_SAMPLES,
 
 
 class S3Tokenizer:
-  """Converted S3Tokenizer v3 weights ready to tokenize waveforms (fac_jax.data.speech_tokenizer's
+  """Converted S3Tokenizer v3 weights ready to tokenize waveforms (fac_jax.speech.speech_tokenizer's
   SpeechTokenizer interface). Batches pieces, padded to `bucket_frames` multiples of mel frames
   and to power-of-two batch sizes so that few shapes are compiled."""
 

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fac_jax import safetensors_io
-
+from fac_jax.checkpoints import safetensors_io
 CONFIG_NAME = 'config.json'
 Config = TypeVar('Config')
 

@@ -1,0 +1,186 @@
+"""Talk to a checkpoint: a spoken (or typed) question in, the answer out as text (printed as it
+comes) and speech (a wav written through a speech detokenizer).
+
+  python -m fac_jax.inference.chat --ckpt=CKPT --audio=question.wav [--out=answer.wav] [--mode=s2s|s2t]
+      [--stream] [--detokenizer=DIR|speech_tokenizer.npz] [--max_new_tokens=256] [--greedy]
+      [--text="typed question"] [--history=turns.json]
+
+--detokenizer is a CosyVoice 3 folder written by fac_jax.speech.convert_cosyvoice (flow, HiFT
+and speaker: the released model's voice, 24 kHz; --stream vocodes with real caches under the
+flow's chunk mask, otherwise the whole answer at once as Fun-Audio-Chat does) or a k-means speech
+tokenizer .npz (its Griffin-Lim detokenizer, 16 kHz).
+
+--history is a JSON list of earlier turns, {"user": "typed text" or {"audio": "path.wav"},
+"assistant": "its answer's text"}; as in the official multi-turn example, earlier answers come
+back as text.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+import jax
+import numpy as np
+import soundfile
+from flax import nnx
+
+from fac_jax import audio
+from fac_jax.checkpoints import checkpoint, text_tokenizer
+from fac_jax.data import conversation
+from fac_jax.inference import generate, sampling, streaming
+from fac_jax.model import fun_audio_chat
+from fac_jax.speech import detokenizer as detokenizer_lib
+SYSTEM_PROMPTS = {
+    's2s': 'You are asked to generate both text and speech tokens at the same time.',
+    's2t': 'You are asked to generate text tokens.',
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or `fac_jax.checkpoints.convert`).')
+flags.DEFINE_string('audio', None, 'The spoken question: any audio file librosa reads.')
+flags.DEFINE_string('text', None, 'A typed question, instead of --audio.')
+flags.DEFINE_string('history', None, 'JSON file of earlier turns (see the module docstring).')
+flags.DEFINE_string('out', None, 's2s: where to write the spoken answer (wav).')
+flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.')
+flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
+flags.DEFINE_string('detokenizer', None, 'Turns codes into audio: a converted CosyVoice 3 '
+                    'folder (fac_jax.speech.convert_cosyvoice), or a k-means speech tokenizer '
+                    '.npz (Griffin-Lim).')
+flags.DEFINE_integer('max_new_tokens', 256, 'Text tokens to generate at most (5 per second).')
+flags.DEFINE_float('max_audio_seconds', 300.0, 'Longest question accepted.')
+flags.DEFINE_bool('greedy', False, 'Greedy text (the official examples); speech is sampled.')
+flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+class ChatError(ValueError):
+  """Input the chat cannot use; the message says which file and why."""
+
+
+def read_question(path: str) -> np.ndarray:
+  return audio.load(path, max_seconds=FLAGS.max_audio_seconds)
+
+
+def read_history(path: str) -> list[dict]:
+  try:
+    with open(path) as f:
+      turns = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ChatError(f'cannot read history file {path}: {e}') from None
+  for i, turn in enumerate(turns if isinstance(turns, list) else [None]):
+    user = turn.get('user') if isinstance(turn, dict) else None
+    if not (isinstance(user, str) or (isinstance(user, dict) and 'audio' in user)) or \
+        not isinstance(turn.get('assistant'), str):
+      raise ChatError(f'{path}: turn {i} must be {{"user": text or {{"audio": path}}, '
+                      '"assistant": text}')
+  return turns
+
+
+def build_prompt(tokenizer, cfg, mode: str, history: list[dict], question) -> dict:
+  """ChatML prompt: system, earlier turns, the question (a waveform or a str), the assistant
+  header."""
+  tok = cfg.tokens
+  encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+  newline = encode('\n')
+  pieces = [conversation.Text([tok.im_start] + encode('system\n' + SYSTEM_PROMPTS[mode])
+                              + [tok.im_end] + newline, trained=False)]
+
+  def user_turn(content):
+    pieces.append(conversation.Text([tok.im_start] + encode('user\n'), trained=False))
+    if isinstance(content, str):
+      pieces.append(conversation.Text(encode(content), trained=False))
+    else:
+      pieces.append(conversation.Text([tok.audio_bos], trained=False))
+      pieces.append(conversation.user_audio(audio.log_mel(content, cfg.encoder.num_mel_bins),
+                                            int(len(content) / audio.SAMPLE_RATE * 25), cfg))
+      pieces.append(conversation.Text([tok.audio_eos], trained=False))
+    pieces.append(conversation.Text([tok.im_end] + newline + [tok.im_start]
+                                    + encode('assistant\n'), trained=False))
+
+  for turn in history:
+    user = turn['user']
+    user_turn(user if isinstance(user, str) else read_question(user['audio']))
+    pieces.append(conversation.Text(encode(turn['assistant']) + [tok.im_end] + newline,
+                                    trained=False))
+  user_turn(question)
+  example = conversation.format_conversation(pieces, cfg)
+  batch = conversation.pack([[example]], len(example['input_ids']), len(example['mel_lengths']),
+                            cfg)
+  return {k: v for k, v in batch.items() if not k.endswith('targets')}
+
+
+def answer_text(tokenizer, ids, cfg) -> str:
+  special = set(cfg.tokens.values())
+  return tokenizer.decode([int(i) for i in ids if int(i) not in special])
+
+
+def main(argv):
+  del argv
+  if not FLAGS.ckpt or bool(FLAGS.audio) == bool(FLAGS.text):
+    raise app.UsageError('--ckpt and one of --audio or --text are required')
+  try:
+    cfg = checkpoint.load_config(FLAGS.ckpt)
+    official = os.path.join(FLAGS.ckpt, checkpoint.OFFICIAL)
+    try:
+      tokenizer = text_tokenizer.load(official)
+    except FileNotFoundError:
+      raise ChatError(f'{FLAGS.ckpt} has no tokenizer files in {official}/') from None
+    detokenizer = None
+    if FLAGS.mode == 's2s' and FLAGS.out:
+      if not FLAGS.detokenizer:
+        raise ChatError('--out needs --detokenizer (a CosyVoice folder or a speech tokenizer '
+                        '.npz) to make audio')
+      detokenizer = detokenizer_lib.load(FLAGS.detokenizer)
+      if detokenizer.vocab_size > cfg.speech.bos_id:
+        raise ChatError(f'{FLAGS.detokenizer} has {detokenizer.vocab_size} codes; the model '
+                        f'speaks {cfg.speech.bos_id}')
+    history = read_history(FLAGS.history) if FLAGS.history else []
+    question = FLAGS.text or read_question(FLAGS.audio)
+    prompt = build_prompt(tokenizer, cfg, FLAGS.mode, history, question)
+    reader = checkpoint.Reader(FLAGS.ckpt)
+  except (ChatError, FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+
+  graphdef, _ = nnx.split(fun_audio_chat.abstract_model(cfg))
+  params = reader.load()
+  text_sampling = sampling.Sampling(greedy=True) if FLAGS.greedy else sampling.Sampling()
+  gen = generate.GenerationConfig(FLAGS.max_new_tokens, mode=FLAGS.mode, text=text_sampling)
+  key = jax.random.key(FLAGS.seed)
+  chunks, codes, text_ids = [], [], []
+  if FLAGS.stream:
+    chunker = streaming.SpeechChunker(detokenizer, cfg.speech.bos_id) if detokenizer else None
+    printed = ''
+    for step in streaming.stream(graphdef, params, prompt, cfg, gen, key):
+      text_ids.append(int(step.text[0]))
+      shown = answer_text(tokenizer, text_ids, cfg)
+      print(shown[len(printed):], end='', flush=True)
+      printed = shown
+      if (step.codes[0] >= 0).all():
+        codes += step.codes[0].tolist()
+        if chunker:
+          chunks += chunker.push(step.codes[0])
+    if chunker:
+      chunks += chunker.finish()
+    print()
+  else:
+    out = jax.device_get(generate.make_generate_fn(graphdef, cfg, gen)(params, prompt, key))
+    text_ids = out['text'][0, :out['num_text'][0]].tolist()
+    codes = out['speech'][0, :out['num_speech_groups'][0]].reshape(-1).tolist()
+    print(answer_text(tokenizer, text_ids, cfg))
+    if detokenizer:
+      chunks = [detokenizer.decode(np.asarray([c for c in codes if 0 <= c < cfg.speech.bos_id],
+                                              np.int64))]
+  if detokenizer:
+    waveform = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    soundfile.write(FLAGS.out, waveform, detokenizer.sample_rate)
+    print(f'wrote {FLAGS.out}: {len(waveform) / detokenizer.sample_rate:.2f} s of speech '
+          f'from {len(codes)} codes')
+
+
+def run():
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
