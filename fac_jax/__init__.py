@@ -3,7 +3,7 @@
 Each folder is a stage; a module imports only from its own stage or a stage listed before it
 (tests/test_layout.py enforces it):
 
-  (top)         config, sharding, batch, files, audio: shared by every stage
+  (top)         config, sharding, batch, files, audio, cli: shared by every stage
   model/        the towers and layers: Qwen3, the continuous encoder, Fun-Audio-Chat
   checkpoints/  our checkpoint folder, the official layout, import/export, safetensors, the text
                 tokenizer, Whisper's model.bin
@@ -12,6 +12,7 @@ Each folder is a stage; a module imports only from its own stage or a stage list
   train/        the trainer, jitted steps, optimizer, DPO, held-out losses
   merging/      merge methods, the streaming merge, Core-Cocktail, merge studies
   inference/    generation, sampling, streaming speech, chat
+  scale/        ahead-of-time compilation for TPU slices: memory, collectives, roofline
   evaluation/   the ASR judge and the spoken evaluation
   duplex/       Fun-Audio-Chat-Duplex: full-duplex timelines, streaming loop, fine-tune
   pipeline/     the main job: from nothing to a talking model

@@ -60,7 +60,7 @@ def check(batch: dict, model_config) -> None:
   sizes = {'G': model_config.speech.group_size, 'F': model_config.encoder.window_frames,
            'M': model_config.encoder.num_mel_bins}
   for name, dims in FIELDS.items():
-    shape = np.shape(batch[name])
+    shape = tuple(getattr(batch[name], 'shape', np.shape(batch[name])))
     if len(shape) != len(dims):
       raise ValueError(f'batch field {name!r}: expected dims {dims}, found shape {shape}')
     for dim, size in zip(dims, shape):

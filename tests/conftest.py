@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+# With libtpu installed (requirements-tpu.txt) every JAX process would try the TPU backend first
+# and take its lockfile: the tests mean CPU; the ahead-of-time ones load libtpu's compiler anyway.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # Halves XLA:CPU compile time of the tiny model; numerics stay within the stated tolerances.
 os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 
