@@ -1,5 +1,6 @@
 """Benchmark: import and export of a synthetic official checkpoint of a few GB; prints wall time
-and peak resident memory of each run next to the size of the largest tensor.
+and peak resident memory of each run next to the size of the largest tensor, and checks that the
+export gives back the original tensors bit for bit.
 
   python benchmarks/convert_memory.py [--workdir=/tmp/convert_bench] [--layers=2]
 """
@@ -60,6 +61,28 @@ def write_synthetic(folder: str, layers: int) -> None:
   print(json.dumps({'total': sum(sizes), 'largest': max(sizes)}))
 
 
+def round_trip_differences(original: str, exported: str) -> tuple[int, list[str]]:
+  """The number of tensors in `original`, and those that `exported` lacks or holds with another
+  dtype, shape or bytes; both are read with the `safetensors` library, not the code measured."""
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which the library's reader needs)
+  from safetensors import safe_open
+
+  def tensors(folder):
+    with open(os.path.join(folder, 'model.safetensors.index.json')) as f:
+      weight_map = json.load(f)['weight_map']
+    files = {name: safe_open(os.path.join(folder, name), 'np') for name in set(weight_map.values())}
+    return {key: files[name] for key, name in weight_map.items()}
+
+  theirs, ours = tensors(original), tensors(exported)
+  differ = []
+  for key, file in sorted(theirs.items()):
+    a = file.get_tensor(key)
+    b = ours[key].get_tensor(key) if key in ours else None
+    if b is None or a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+      differ.append(key)
+  return len(theirs), differ
+
+
 def measure(argv: list[str], stdout=subprocess.DEVNULL) -> tuple[float, int]:
   """Wall seconds and peak RSS bytes of a child process. This parent imports nothing heavy, so
   the child's peak is its own (a forked child starts with its parent's resident pages)."""
@@ -94,22 +117,26 @@ def main():
   total, largest = sizes['total'], sizes['largest']
   _, baseline = measure([py, '-c', 'import jax, orbax.checkpoint, fac_jax.checkpoints.convert; '
                          'jax.numpy.zeros(1).block_until_ready()'])
-  import_time, import_rss = measure([py, '-m', 'fac_jax.checkpoints.convert', 'import', f'--hf_dir={hf_dir}',
-                                     f'--out={ckpt}'])
-  export_time, export_rss = measure([py, '-m', 'fac_jax.checkpoints.convert', 'export', f'--ckpt={ckpt}',
-                                     f'--out={exported}'])
+  convert = [py, '-m', 'fac_jax.checkpoints.convert']
+  import_time, import_rss = measure(convert + ['import', f'--hf_dir={hf_dir}', f'--out={ckpt}'])
+  export_time, export_rss = measure(convert + ['export', f'--ckpt={ckpt}', f'--out={exported}'])
+  # Read here, after every measured child has exited: the parent's memory no longer matters.
+  count, differ = round_trip_differences(hf_dir, exported)
   gb = lambda b: f'{b / 2**30:.2f} GiB'
   rows = [('checkpoint (bfloat16)', gb(total)), ('largest tensor', gb(largest)),
           ('process baseline RSS (jax + fac_jax imported)', gb(baseline)),
           ('import wall time', f'{import_time:.1f} s'), ('import peak RSS', gb(import_rss)),
           ('import peak RSS - baseline', gb(import_rss - baseline)),
           ('export wall time', f'{export_time:.1f} s'), ('export peak RSS', gb(export_rss)),
-          ('export peak RSS - baseline', gb(export_rss - baseline))]
+          ('export peak RSS - baseline', gb(export_rss - baseline)),
+          ('round trip: tensors exported bit for bit', f'{count - len(differ)} of {count}')]
   width = max(len(r[0]) for r in rows)
   print(f'| {"what".ljust(width)} | value |\n|{"-" * (width + 2)}|-------|')
   for name, value in rows:
     print(f'| {name.ljust(width)} | {value} |')
   shutil.rmtree(args.workdir, ignore_errors=True)
+  if differ:
+    raise SystemExit(f'{len(differ)} tensors differ after import and export, first: {differ[:5]}')
 
 
 if __name__ == '__main__':

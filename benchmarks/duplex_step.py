@@ -27,6 +27,7 @@ from fac_jax import config as config_lib  # noqa: E402
 from fac_jax.data import synthetic  # noqa: E402
 from fac_jax.duplex import features, model as duplex_model, stream  # noqa: E402
 from fac_jax.speech import speech_tokenizer  # noqa: E402
+
 BUDGET_MS = 1000 * features.STEP_SECONDS
 
 

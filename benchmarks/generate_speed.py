@@ -22,6 +22,7 @@ from fac_jax.inference import streaming  # noqa: E402
 from fac_jax.inference import generate  # noqa: E402
 from fac_jax.model import fun_audio_chat  # noqa: E402
 from fac_jax.speech import speech_tokenizer  # noqa: E402
+
 STEP_SECONDS = 0.2  # one 5 Hz step of speech
 
 

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from fac_jax import sharding
 from fac_jax.data import input_pipeline, prepare, synth
 from fac_jax.train import steps
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py'), 'Config.')
 _CONVERSATIONS = flags.DEFINE_integer('conversations', 400, 'Synthesised train conversations.')

@@ -47,6 +47,7 @@ from fac_jax import config as config_lib, sharding  # noqa: E402
 from fac_jax.data import conversation, synthetic  # noqa: E402
 from fac_jax.model import fun_audio_chat, layers  # noqa: E402
 from fac_jax.train import flops, steps  # noqa: E402
+
 GROUPED, UNGROUPED = 5, 1
 
 # A typical 8B training conversation for the analytic DRSR ratio: released SFT context at 5 Hz,

@@ -1,6 +1,8 @@
 """Tiny Fun-Audio-Chat: same structure as the 8B model, distinct small sizes; runs on 2 CPU cores."""
 
 from fac_jax import config as base
+
+
 def get_config(stage=None):
   """`configs/tiny.py:<stage>` picks a training stage (default stage1)."""
   config = base.default_config()

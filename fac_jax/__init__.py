@@ -1,7 +1,7 @@
 """fac_jax: Fun-Audio-Chat in JAX / Flax NNX, grouped by stage of the data flow.
 
 Each folder is a stage; a module imports only from its own stage or a stage listed before it
-(tests/test_layout.py enforces it):
+(tests/common/test_layout.py enforces it):
 
   (top)         config, sharding, batch, files, audio, cli: shared by every stage
   model/        the towers and layers: Qwen3, the continuous encoder, Fun-Audio-Chat

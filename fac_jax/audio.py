@@ -6,6 +6,7 @@ import os
 
 import librosa
 import numpy as np
+import soundfile
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -20,25 +21,67 @@ def mel_filters(num_mel_bins: int) -> np.ndarray:
 
 class AudioError(ValueError):
   """An audio file that cannot be used; the message names the file and why, `reason` is a short
-  tag for counting (missing, unreadable, non_finite, low_sample_rate, overlong, too_short,
-  silent)."""
+  tag for counting (missing, unreadable, truncated, non_finite, low_sample_rate, overlong,
+  too_short, silent)."""
 
   def __init__(self, message: str, reason: str):
     super().__init__(message)
     self.reason = reason
 
 
+def _cut_short(path: str) -> tuple[int, int] | None:
+  """(bytes of samples the header promises, bytes the file holds) of a WAV file cut short, else
+  None; libsndfile reads such a file up to where it ends without a word."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    riff = f.read(12)
+    if riff[:4] != b'RIFF' or riff[8:] != b'WAVE':
+      return None
+    while len(header := f.read(8)) == 8:
+      length = int.from_bytes(header[4:], 'little')
+      if header[:4] == b'data':
+        held = size - f.tell()
+        unknown = length == 0xFFFFFFFF  # what a writer streaming to a pipe puts there
+        return (length, held) if held < length and not unknown else None
+      f.seek(length + length % 2, os.SEEK_CUR)
+  return None
+
+
+def _check_length(path: str, seconds: float, max_seconds: float | None) -> None:
+  if max_seconds is not None and seconds > max_seconds:
+    raise AudioError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:g} s', 'overlong')
+
+
+def _why(error: Exception) -> str:
+  """libsndfile's own words where it has them (its message also repeats the path), else the
+  message, else the kind of error."""
+  return (getattr(error, 'error_string', None) or str(error)).strip() or type(error).__name__
+
+
 def load(path: str, max_seconds: float | None = None, min_samples: int = 4 * HOP_LENGTH,
          min_sample_rate: int = SAMPLE_RATE, silence_peak: float = 1e-4) -> np.ndarray:
   """Reads any file librosa reads as 16 kHz mono float32. Refuses, naming the file: unreadable,
+  a WAV cut short, overlong (from the header before decoding, where soundfile reads it),
   non-finite, recorded below `min_sample_rate` (upsampling cannot restore the missing band), too
-  short (default: under 4 mel frames), overlong, or silent (peak under `silence_peak`)."""
+  short (default: under 4 mel frames), or silent (peak under `silence_peak`)."""
   if not os.path.exists(path):
     raise AudioError(f'audio file {path} does not exist', 'missing')
+  header_error = None
+  try:
+    info = soundfile.info(path)
+  except Exception as e:  # not a soundfile format: librosa may still decode it with audioread
+    header_error = e
+  else:
+    _check_length(path, info.frames / info.samplerate, max_seconds)
+    short = _cut_short(path) if info.format == 'WAV' else None
+    if short:
+      raise AudioError(f'{path} is cut short (an interrupted copy?): its header promises '
+                       f'{short[0]:,} bytes of samples, the file holds {short[1]:,}', 'truncated')
   try:  # mono=False: librosa's own down-mix refuses non-finite samples with a vaguer message
     waveform, native_rate = librosa.load(path, sr=None, mono=False)
-  except Exception as e:  # librosa raises many kinds for unreadable files
-    raise AudioError(f'cannot read audio file {path}: {e}', 'unreadable') from None
+  except Exception as e:  # librosa raises many kinds for unreadable files, some without a message
+    raise AudioError(f'cannot read audio file {path}: {_why(header_error or e)}',
+                     'unreadable') from None
   if waveform.ndim == 2:
     waveform = waveform.mean(axis=0)
   if not np.all(np.isfinite(waveform)):
@@ -47,8 +90,7 @@ def load(path: str, max_seconds: float | None = None, min_samples: int = 4 * HOP
     raise AudioError(f'{path} is sampled at {native_rate} Hz; at least {min_sample_rate} Hz is '
                      'needed', 'low_sample_rate')
   seconds = len(waveform) / native_rate
-  if max_seconds is not None and seconds > max_seconds:
-    raise AudioError(f'{path} is {seconds:.1f} s long; the limit is {max_seconds:g} s', 'overlong')
+  _check_length(path, seconds, max_seconds)
   if native_rate != SAMPLE_RATE:
     waveform = librosa.resample(waveform, orig_sr=native_rate, target_sr=SAMPLE_RATE)
   if len(waveform) < min_samples:

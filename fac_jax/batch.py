@@ -21,8 +21,10 @@ per row, F = window_frames mel frames per window, M mel bins.
 | mel                | (B, W, F, M) | float | log-mel windows of the row's user audio               |
 | mel_lengths        | (B, W)       | int32 | valid frames in each window (0 for an unused window)  |
 | continuous_frames  | (B, S, G)    | int32 | which encoder output frames (index into the row's     |
-|                    |              |       | W * F/4 frames) make this position's group; -1 adds a |
-|                    |              |       | zero frame (an audio's zero padding to a multiple of 5)|
+|                    |              |       | W*(F/2)//2 pooled frames: pairs of the windows' 50 Hz |
+|                    |              |       | outputs joined in order) make this position's group;  |
+|                    |              |       | -1 adds a zero frame (an audio's zero padding to a    |
+|                    |              |       | multiple of 5)                                        |
 | text_targets       | (B, S)       | int32 | text token predicted from this position; IGNORE_ID    |
 | speech_targets     | (B, S, G)    | int32 | speech group predicted from this position (the next   |
 |                    |              |       | position's codes; 5 x eos where the text says         |

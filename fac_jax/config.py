@@ -36,7 +36,11 @@ def train_config(stage: str = 'stage1') -> ml_collections.ConfigDict:
       frozen=(),  # regexes over parameter paths such as 'llm/decoder/layers/mlp/up_proj/kernel'
       log_every=10, eval_every=200, eval_batches=16,
       checkpoint_every=200, keep_checkpoints=3, best_metric='eval/loss', async_checkpointing=True,
-      max_skipped_in_row=5))  # non-finite steps in a row before training stops
+      max_skipped_in_row=5,  # non-finite steps in a row before training stops
+      # (first step, count): a jax.profiler trace of steps first .. first + count - 1 (numbered
+      # as logged, from 1; step 1 compiles) in <workdir>/profile, for TensorBoard's profile tab.
+      # A count of 0 traces nothing.
+      profile_steps=(0, 0)))
   train.update(STAGES[stage])
   return train
 
@@ -72,6 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'
   model.param_dtype = 'float32'
   model.remat_policy = 'none'  # none | full | dots | dots_no_batch
+  # Attention kernel (fac_jax.model.attention): auto | xla | splash | cudnn. auto: Pallas splash
+  # on TPU, cuDNN flash on GPU (16-bit), XLA's with a dense mask otherwise; decoding is XLA's.
+  model.attention = 'auto'
+  # Training and DPO losses: the output layers and cross-entropy run this many LLM positions at
+  # a time (the speech head: their 5 sub-slots each), made again in the backward pass, so no
+  # (batch, positions, vocab) float32 logits are held; 0 makes the full logits at once.
+  model.loss_chunk_positions = 0
 
   # Prepared data (python -m fac_jax.data.prepare) and how the grain pipeline batches it.
   config.data = ml_collections.ConfigDict(dict(

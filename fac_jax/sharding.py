@@ -124,6 +124,35 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
 
 
+def mesh_is_set() -> bool:
+  """Whether a mesh is in scope (jax.set_mesh), so that constraints and shard_map can use it."""
+  return not jax.sharding.get_abstract_mesh().empty
+
+
+def platform() -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of the mesh in scope's devices, else the default
+  backend's: a program compiled ahead of time for a TPU slice on this CPU machine is for TPU."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
+def attention_specs(q_shape: Sequence[int], kv_shape: Sequence[int]
+                    ) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None:
+  """shard_map specs, over the mesh in scope, of an attention kernel run per shard: q and the
+  output (B, T, N, H), k and v (B, S, K, H), and (B, T) segment ids. Rows are split as the batch
+  is and heads as 'heads' are when that splits query and key heads alike (each shard keeps whole
+  GQA groups); sequences never. None when no mesh is set."""
+  if not mesh_is_set():
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  q = logical_to_spec(('batch', None, 'heads', None), q_shape, mesh)
+  kv = logical_to_spec(('batch', None, 'kv_heads', None), kv_shape, mesh)
+  if q[2] != kv[2]:
+    q, kv = PartitionSpec(q[0], None, None, None), PartitionSpec(kv[0], None, None, None)
+  return q, kv, PartitionSpec(q[0], None)
+
+
 def batch_shardings(batch, mesh: jax.sharding.Mesh):
   """Batch arrays (any pytree of them) are split over (data, fsdp) along their first axis,
   replicated otherwise."""

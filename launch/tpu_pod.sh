@@ -15,6 +15,11 @@ tpu=$1 zone=$2
 shift 2
 module=${1:-fac_jax.train.trainer}
 shift || true
+# The module and flags go into a remote shell command: the module must be a dotted name.
+if [[ ! $module =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]]; then
+  echo "$0: module '$module' is not a Python module name (e.g. fac_jax.train.trainer)" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 jax_version=${JAX_TPU_VERSION:-$(sed -n 's/^jax==//p' requirements.txt)}
 project_flag=${PROJECT:+--project=$PROJECT}
@@ -26,6 +31,6 @@ gcloud compute tpus tpu-vm scp "$archive" "$tpu":fac_jax.tgz --worker=all --zone
 setup="mkdir -p fac_jax && tar xzf fac_jax.tgz -C fac_jax && cd fac_jax && \
 (test -x .venv/bin/python || python3 -m venv .venv) && \
 .venv/bin/pip install -q -r requirements.txt -e . 'jax[tpu]==$jax_version'"
-args=$(printf ' %q' "$@")
+run=$(printf ' %q' -m "$module" --multihost "$@")
 gcloud compute tpus tpu-vm ssh "$tpu" --worker=all --zone="$zone" $project_flag \
-  --command="$setup && .venv/bin/python -m $module --multihost$args"
+  --command="$setup && .venv/bin/python$run"

@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from fac_jax import config as config_lib  # noqa: E402
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,6 +13,7 @@ from fac_jax.checkpoints import checkpoint, convert, official_layout
 from fac_jax.data import official_batch
 from fac_jax.inference import generate, sampling
 from fac_jax.model import fun_audio_chat
+
 DIR = os.path.join(os.path.dirname(__file__), 'testdata', 'official_tiny')
 
 
@@ -25,8 +26,8 @@ def model_config():
 
 
 def imported_model(ckpt_dir):
-  """Imports the golden folder with `python -m fac_jax.checkpoints.convert import` logic; the model and its
-  config as the checkpoint holds them."""
+  """Imports the golden folder with `python -m fac_jax.checkpoints.convert import` logic; the model
+  and its config as the checkpoint holds them."""
   reader = checkpoint.Reader(convert.import_checkpoint(DIR, ckpt_dir))
   cfg = reader.config
   cfg.tokens.update(im_start=201, im_end=202)  # no tokenizer in the golden folder
@@ -36,6 +37,11 @@ def imported_model(ckpt_dir):
 
 def forward_reference():
   return dict(np.load(os.path.join(DIR, 'reference_forward.npz')))
+
+
+def grads_reference():
+  """The official gradient of the total loss on reference_forward.npz's batch, by official name."""
+  return dict(np.load(os.path.join(DIR, 'reference_grads.npz')))
 
 
 def forward_inputs(reference):

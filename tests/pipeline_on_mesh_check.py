@@ -14,6 +14,8 @@ from fac_jax import config as config_lib  # noqa: E402
 from fac_jax import sharding  # noqa: E402
 from fac_jax.data import input_pipeline  # noqa: E402
 from fac_jax.train import steps  # noqa: E402
+
+
 def main():
   cfg = config_lib.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py'))
   cfg.data.update(dir=sys.argv[1], batch_size=4, seq_len=64, num_windows=16)

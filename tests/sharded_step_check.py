@@ -15,6 +15,8 @@ from fac_jax import config as config_lib  # noqa: E402
 from fac_jax import sharding  # noqa: E402
 from fac_jax.train import steps  # noqa: E402
 from fac_jax.data import synthetic  # noqa: E402
+
+
 def run(cfg, mesh, batch, num_steps=2):
   optimizer = optax.sgd(0.1)  # Adam would amplify rounding in near-zero gradients
   graphdef, params, opt_state, param_shardings, opt_shardings = steps.init_sharded(

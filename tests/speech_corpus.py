@@ -9,6 +9,7 @@ import numpy as np
 import soundfile
 
 from fac_jax.data import synthetic
+
 ANSWERS = ['One.', 'Two.', 'Three.', 'Four.', 'Five.', 'Six.', 'Seven.', 'Eight.']
 
 

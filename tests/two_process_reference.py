@@ -21,6 +21,7 @@ from fac_jax.data import input_pipeline  # noqa: E402
 from fac_jax.model import fun_audio_chat  # noqa: E402
 from fac_jax.train import steps  # noqa: E402
 from fac_jax.train import optim  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config.')
 _OUT = flags.DEFINE_string('out', None, 'Where to save the final parameters.')
 

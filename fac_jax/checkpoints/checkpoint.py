@@ -3,13 +3,18 @@
   CKPT/config.json            our model config (fac_jax.config fields under "model")
   CKPT/params/                the parameter pytree, an orbax checkpoint
   CKPT/official/              files of the official folder it came from (config.json, tokenizer,
-                              processor and generation configs), kept for export
+                              processor and generation configs), kept for export; a trained
+                              checkpoint's text tokenizer
+  CKPT/chat/                  what `chat` needs of a trained checkpoint: settings.json (its
+                              training tasks with their system prompts, its speech tokenizer) and
+                              the k-means speech_tokenizer.npz it speaks
 A checkpoint is built in CKPT.incomplete/ and renamed to CKPT only once everything is written,
 so an interrupted write never leaves a folder that looks complete.
 """
 
 from collections.abc import Iterable
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -23,9 +28,28 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 
 from fac_jax import sharding
+from fac_jax.checkpoints import text_tokenizer
 from fac_jax.model import fun_audio_chat
+
 PARAMS = 'params'
 OFFICIAL = 'official'
+CHAT = 'chat'
+CHAT_SETTINGS = 'settings.json'
+SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
+
+
+class CheckpointReadError(ValueError):
+  """A checkpoint whose parameter files cannot be read (truncated or corrupt)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatAssets:
+  """What `chat` needs beyond the parameters: the text tokenizer (its files go to official/), the
+  training tasks with their system prompts, and the speech tokenizer (a k-means .npz is copied
+  into chat/, another kind only recorded)."""
+  tokenizer_dir: str
+  tasks: dict  # task -> system, question and answer ('speech' or 'text'), conversations
+  speech_tokenizer: dict  # kind, vocab_size, fingerprint and file, as fac_jax.data.prepare records
 
 
 class Writer:
@@ -69,6 +93,25 @@ class Writer:
     if jax.process_index() == 0:
       shutil.copy(source, os.path.join(self.dir, OFFICIAL, os.path.basename(source)))
 
+  def add_chat_assets(self, assets: ChatAssets) -> None:
+    for name in text_tokenizer.TOKENIZER_FILES:
+      if os.path.exists(os.path.join(assets.tokenizer_dir, name)):
+        self.add_official_file(os.path.join(assets.tokenizer_dir, name))
+    if jax.process_index() == 0:
+      folder = os.path.join(self.dir, CHAT)
+      os.makedirs(folder)
+      speech = dict(assets.speech_tokenizer)
+      if speech['file'].endswith('.npz'):
+        shutil.copy(speech['file'], os.path.join(folder, SPEECH_TOKENIZER_FILE))
+        speech['file'] = SPEECH_TOKENIZER_FILE
+      with open(os.path.join(folder, CHAT_SETTINGS), 'w') as f:
+        json.dump({'tasks': assets.tasks, 'speech_tokenizer': speech}, f, indent=2)
+
+  def abort(self) -> None:
+    """Removes what was written, after a failure (a later Writer would remove it too)."""
+    if jax.process_index() == 0:
+      shutil.rmtree(self.dir, ignore_errors=True)
+
   def commit(self) -> str:
     self.flush()
     ocp.partial.finalize(os.path.join(self.dir, PARAMS))
@@ -79,12 +122,30 @@ class Writer:
     return self.final_dir
 
 
-def save_params(ckpt_dir: str, model_config: ml_collections.ConfigDict, params: dict) -> str:
-  """Writes a parameter tree (nested dicts of arrays) as a checkpoint; returns its path."""
+def save_params(ckpt_dir: str, model_config: ml_collections.ConfigDict, params: dict,
+                assets: ChatAssets | None = None) -> str:
+  """Writes a parameter tree (nested dicts of arrays), with `assets` if given, as a checkpoint;
+  returns its path."""
   writer = Writer(ckpt_dir, model_config)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    writer.add(tuple(k.key for k in path), leaf)
-  return writer.commit()
+  try:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      writer.add(tuple(k.key for k in path), leaf)
+    if assets is not None:
+      writer.add_chat_assets(assets)
+    return writer.commit()
+  except BaseException:
+    writer.abort()
+    raise
+
+
+def chat_settings(ckpt_dir: str) -> dict:
+  """chat/settings.json ({'tasks': ..., 'speech_tokenizer': ...}); {} where there is none (e.g. an
+  imported checkpoint)."""
+  path = os.path.join(ckpt_dir, CHAT, CHAT_SETTINGS)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
@@ -109,9 +170,33 @@ def _is_shape_dtype(x) -> bool:
   return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], np.dtype)
 
 
+def _innermost(error: BaseException) -> str:
+  """The first line of the error at the bottom of `error`'s chain: orbax wraps tensorstore's
+  one-line reason in pages of its spec."""
+  seen = set()
+  while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def read_params(ckpt_dir: str, abstract) -> dict:
+  """The leaves of params/ that `abstract` asks for; a truncated or corrupt file raises
+  CheckpointReadError naming the checkpoint and the failed read."""
+  try:
+    return ocp.load(os.path.join(ckpt_dir, PARAMS), abstract)
+  except Exception as e:  # orbax raises bare Exceptions
+    raise CheckpointReadError(f'{ckpt_dir}: cannot read its parameters (truncated or corrupt '
+                              f'files?): {_innermost(e)}') from None
+
+
 def saved_shapes(ckpt_dir: str) -> dict:
   """The saved parameter tree with (shape, dtype) leaves, read from metadata only."""
-  metadata = ocp.metadata(os.path.join(ckpt_dir, PARAMS)).metadata
+  try:
+    metadata = ocp.metadata(os.path.join(ckpt_dir, PARAMS)).metadata
+  except Exception as e:  # orbax raises bare Exceptions
+    raise CheckpointReadError(f'{ckpt_dir}: cannot read its parameter metadata (truncated or '
+                              f'corrupt files?): {_innermost(e)}') from None
   return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), metadata,
                       is_leaf=lambda m: hasattr(m, 'shape'))
 
@@ -140,4 +225,4 @@ class Reader:
       wanted = {tuple(p) for p in paths}
       abstract = jax.tree_util.tree_map_with_path(
           lambda p, x: x if tuple(k.key for k in p) in wanted else ..., abstract)
-    return ocp.load(os.path.join(self.dir, PARAMS), abstract)
+    return read_params(self.dir, abstract)

@@ -1,12 +1,14 @@
 """Import the released Fun-Audio-Chat checkpoint layout into a fac_jax checkpoint, and export back.
 
   python -m fac_jax.checkpoints.convert import --hf_dir=DIR --out=CKPT [--dtype=bfloat16] [--mesh=data:1,fsdp:-1,tensor:1]
+      [--without_tokenizer]
   python -m fac_jax.checkpoints.convert export --ckpt=CKPT --out=DIR [--max_shard_gb=5] [--dtype=bfloat16]
 
 Import checks everything before writing anything (model_type, keys, shapes, truncated files),
 then converts tensor by tensor: each parameter is assembled from memory-mapped safetensors and
 placed straight onto its sharding, so host memory holds about one parameter at a time beyond
 what the devices hold. Export streams the parameters back into safetensors shards with an index.
+A failed import or export leaves nothing behind.
 """
 
 import json
@@ -22,9 +24,10 @@ import numpy as np
 from flax import nnx
 import tqdm
 
-from fac_jax import config as config_lib, sharding
+from fac_jax import cli, config as config_lib, sharding
 from fac_jax.checkpoints import checkpoint, official_layout, safetensors_io, text_tokenizer
 from fac_jax.model import fun_audio_chat
+
 SIDE_FILES = ('config.json', 'generation_config.json', 'processor_config.json',
               'preprocessor_config.json') + text_tokenizer.TOKENIZER_FILES
 UNUSED_TENSORS_FILE = 'unused_tensors.safetensors'
@@ -35,7 +38,10 @@ class CheckpointError(ValueError):
   """The official checkpoint does not have what its config.json promises."""
 
 
-def read_official_config(hf_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
+def read_official_config(hf_dir: str, require_tokenizer: bool = False
+                         ) -> tuple[dict, ml_collections.ConfigDict]:
+  """config.json and our model config from it, special ids from the tokenizer files; without
+  them, a refusal if `require_tokenizer`, else a warning."""
   path = os.path.join(hf_dir, 'config.json')
   if not os.path.exists(path):
     raise CheckpointError(f'{hf_dir}: no config.json')
@@ -45,8 +51,8 @@ def read_official_config(hf_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
     cfg = official_layout.config_from_official(hf_config, config_lib.default_config().model)
   except KeyError as e:
     raise CheckpointError(f'{path}: missing field {e}') from None
-  except ValueError as e:
-    raise CheckpointError(f'{path}: {e}') from None
+  except ValueError as e:  # its message starts with config.json
+    raise CheckpointError(f'{hf_dir}/{e}') from None
   if any(os.path.exists(os.path.join(hf_dir, n)) for n in ('tokenizer.json', 'vocab.json')):
     ids = text_tokenizer.special_ids(text_tokenizer.load(hf_dir), hf_dir)
     for field in ('audio', 'audio_bos', 'audio_eos', 'sil'):
@@ -54,6 +60,10 @@ def read_official_config(hf_dir: str) -> tuple[dict, ml_collections.ConfigDict]:
         raise CheckpointError(f'{hf_dir}: {text_tokenizer.SPECIAL_TOKENS[field]} is id {ids[field]} in '
                               f'the tokenizer but {cfg.tokens[field]} in config.json')
     cfg.tokens.update(ids)
+  elif require_tokenizer:
+    raise CheckpointError(f'{hf_dir} has no tokenizer files (tokenizer.json, or vocab.json with '
+                          'merges.txt), which chat needs: copy them there, or pass '
+                          '--without_tokenizer to import the weights alone')
   else:
     logging.warning('%s has no tokenizer files: special ids come from config.json; im_start and '
                     'im_end keep their defaults', hf_dir)
@@ -87,10 +97,11 @@ def check_tensors(tensors: safetensors_io.Checkpoint, maps, abstract_params: dic
 
 
 def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
-                      mesh: jax.sharding.Mesh | None = None) -> str:
+                      mesh: jax.sharding.Mesh | None = None,
+                      require_tokenizer: bool = False) -> str:
   """Official folder -> fac_jax checkpoint at `out`, each parameter placed on its sharding over
   `mesh` (default: the mesh in scope, else one device). Returns the committed path."""
-  hf_config, cfg = read_official_config(hf_dir)
+  hf_config, cfg = read_official_config(hf_dir, require_tokenizer)
   cfg.param_dtype = dtype or TORCH_DTYPES.get(hf_config.get('torch_dtype'), 'float32')
   try:
     tensors = safetensors_io.Checkpoint(hf_dir)
@@ -103,7 +114,21 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
   shardings = sharding.param_shardings(abstract_state, mesh or sharding.mesh_in_scope())
 
   writer = checkpoint.Writer(out, cfg)
-  target = jnp.dtype(cfg.param_dtype)
+  try:
+    _write_parameters(writer, tensors, maps, abstract_params, shardings,
+                      jnp.dtype(cfg.param_dtype))
+    for name in SIDE_FILES:
+      if os.path.exists(os.path.join(hf_dir, name)):
+        writer.add_official_file(os.path.join(hf_dir, name))
+    return writer.commit()
+  except BaseException:
+    writer.abort()
+    raise
+
+
+def _write_parameters(writer: checkpoint.Writer, tensors: safetensors_io.Checkpoint, maps,
+                      abstract_params: dict, shardings: dict, target: np.dtype) -> None:
+  """Every mapped parameter, converted to `target` on its sharding, and the unused tensors."""
   total = sum(int(np.prod(tensors.shape(k))) * target.itemsize for m in maps for k in m.keys)
   with tqdm.tqdm(total=total, unit='B', unit_scale=True, desc='import') as progress:
     for m in maps:
@@ -111,21 +136,17 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
       array = jax.make_array_from_callback(
           official_layout.at_path(abstract_params, m.path).shape,
           official_layout.at_path(shardings, m.path),
-          lambda index, m=m: official_layout.read_block(tensors.array, m, index, target))
+          lambda index, m=m: official_layout.read_block(tensors.slice, m, index, target))
       writer.add(m.path, array)
       progress.update(array.size * target.itemsize)
       del array
   unused = [k for k in official_layout.UNUSED_OFFICIAL_KEYS if k in tensors.keys()]
   if unused:
     shards = safetensors_io.plan_shards(
-        [(k, tensors.shape(k), tensors.file_of(k).dtype(k)) for k in unused], 1 << 62)
+        [(k, tensors.shape(k), tensors.dtype(k)) for k in unused], 1 << 62)
     shards_dir = os.path.join(writer.dir, checkpoint.OFFICIAL, 'unused')
     os.makedirs(shards_dir)
     safetensors_io.write_sharded(shards_dir, shards, (tensors.array(k) for k in unused))
-  for name in SIDE_FILES:
-    if os.path.exists(os.path.join(hf_dir, name)):
-      writer.add_official_file(os.path.join(hf_dir, name))
-  return writer.commit()
 
 
 def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
@@ -145,9 +166,6 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
   final = os.path.abspath(out)
   if os.path.exists(final):
     raise FileExistsError(f'{final} exists; refusing to overwrite')
-  work = final + '.incomplete'
-  shutil.rmtree(work, ignore_errors=True)
-  os.makedirs(work)
 
   maps = official_layout.fun_audio_chat_maps(cfg)
   saved = checkpoint.saved_shapes(ckpt)
@@ -158,7 +176,7 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
     shape, _ = official_layout.at_path(saved, m.path)
     plan += [(k, official_layout.official_shape(shape, m), target) for k in m.keys]
   if unused is not None:
-    plan += [(k, unused.shape(k), unused.file_of(k).dtype(k)) for k in unused.keys()]
+    plan += [(k, unused.shape(k), unused.dtype(k)) for k in unused.keys()]
 
   reader = checkpoint.Reader(ckpt)
 
@@ -174,12 +192,20 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
       for k in unused.keys():
         yield unused.array(k)
 
-  safetensors_io.write_sharded(work, safetensors_io.plan_shards(plan, max_shard_bytes), arrays())
-  with open(os.path.join(work, 'config.json'), 'w') as f:
-    json.dump(hf_config, f, indent=2)
-  for name in SIDE_FILES:
-    if name != 'config.json' and os.path.exists(os.path.join(official_dir, name)):
-      shutil.copy(os.path.join(official_dir, name), work)
+  work = final + '.incomplete'
+  shutil.rmtree(work, ignore_errors=True)
+  os.makedirs(work)
+  try:
+    safetensors_io.write_sharded(work, safetensors_io.plan_shards(plan, max_shard_bytes),
+                                 arrays())
+    with open(os.path.join(work, 'config.json'), 'w') as f:
+      json.dump(hf_config, f, indent=2)
+    for name in SIDE_FILES:
+      if name != 'config.json' and os.path.exists(os.path.join(official_dir, name)):
+        shutil.copy(os.path.join(official_dir, name), work)
+  except BaseException:
+    shutil.rmtree(work, ignore_errors=True)
+    raise
   os.rename(work, final)
   return final
 
@@ -192,6 +218,9 @@ flags.DEFINE_string('dtype', None, 'Parameter dtype to write (default: as stored
 flags.DEFINE_string('mesh', None, 'import: place parameters on this mesh, e.g. '
                     'data:1,fsdp:-1,tensor:1 (default: one device).')
 flags.DEFINE_float('max_shard_gb', 5.0, 'export: size limit of one safetensors shard.')
+flags.DEFINE_bool('without_tokenizer', False, 'import: accept a folder without tokenizer files '
+                  '(special ids from config.json); chat cannot read the result until they are '
+                  'put in CKPT/official/.')
 
 
 def main(argv):
@@ -199,23 +228,27 @@ def main(argv):
     raise app.UsageError('usage: python -m fac_jax.checkpoints.convert import|export --out=... ')
   if not FLAGS.out:
     raise app.UsageError('--out is required')
+  if argv[1] == 'import' and not FLAGS.hf_dir:
+    raise app.UsageError('import needs --hf_dir')
+  if argv[1] == 'export' and not FLAGS.ckpt:
+    raise app.UsageError('export needs --ckpt')
   start = time.time()
-  if argv[1] == 'import':
-    if not FLAGS.hf_dir:
-      raise app.UsageError('import needs --hf_dir')
-    mesh = sharding.mesh_from_flag(FLAGS.mesh) if FLAGS.mesh else None
-    path = import_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, mesh)
-  else:
-    if not FLAGS.ckpt:
-      raise app.UsageError('export needs --ckpt')
-    path = export_checkpoint(FLAGS.ckpt, FLAGS.out, int(FLAGS.max_shard_gb * (1 << 30)),
-                             FLAGS.dtype)
+  try:
+    if argv[1] == 'import':
+      mesh = sharding.mesh_from_flag(FLAGS.mesh) if FLAGS.mesh else None
+      path = import_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, mesh,
+                               require_tokenizer=not FLAGS.without_tokenizer)
+    else:
+      path = export_checkpoint(FLAGS.ckpt, FLAGS.out, int(FLAGS.max_shard_gb * (1 << 30)),
+                               FLAGS.dtype)
+  except (CheckpointError, checkpoint.CheckpointReadError, OSError) as e:
+    raise SystemExit(f'error: {e}') from None
   print(f'{argv[1]}: wrote {path} in {time.time() - start:.1f} s')
 
 
 def run():
   """Console-script entry point."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Format a conversation into model positions at 5 Hz, and pack formatted conversations into batches.
+"""Format a conversation into model positions at 5 Hz; pack formatted conversations into batches.
 
 A conversation is a list of pieces in stream order:
   Text(ids, trained)                 chat-template and text tokens; `trained` marks the response
@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from fac_jax.batch import FIELDS, IGNORE_ID
+
 # Text of the ChatML template around turns (a trained tokenizer must know these).
 CHAT_TEMPLATE_TEXTS = ('system\n', 'user\n', 'assistant\n', '\n')
 
@@ -47,15 +48,21 @@ def assistant_audio(codes, text, cfg: ml_collections.ConfigDict) -> Speech:
 
 
 def encoder_frames(num_mel_frames: int) -> int:
-  """25 Hz frames the continuous encoder yields for this many mel frames."""
-  return ((num_mel_frames - 1) // 2 + 1) // 2 if num_mel_frames > 0 else 0
+  """25 Hz frames the continuous encoder yields for this many mel frames: pairs of its 50 Hz
+  frames, except that the official encoder keeps an audio of one 50 Hz frame unpooled."""
+  conv_frames = (num_mel_frames + 1) // 2
+  return conv_frames // 2 if conv_frames > 1 else conv_frames
+
+
+def pooled_offset(num_windows: int, window_frames: int) -> int:
+  """Index of the encoder's first 25 Hz frame after `num_windows` mel windows of a row."""
+  return num_windows * (window_frames // 2) // 2
 
 
 def format_conversation(pieces, cfg: ml_collections.ConfigDict) -> dict:
   """One conversation -> unpadded per-position arrays (length S) plus its mel windows."""
   group, tokens, speech = cfg.speech.group_size, cfg.tokens, cfg.speech
   window = cfg.encoder.window_frames
-  pooled_per_window = window // 4
   ids, audio, continuous, has_text, codes, frames = [], [], [], [], [], []
   labels, speech_labels = [], []  # what each position holds, unshifted (official convention)
   windows, window_lengths = [], []
@@ -85,12 +92,17 @@ def format_conversation(pieces, cfg: ml_collections.ConfigDict) -> dict:
       code_groups = [stream[p * group:(p + 1) * group] for p in range(n)]
       frame_groups = None
       if piece.mel is not None:
-        base = len(windows) * pooled_per_window
+        base = pooled_offset(len(windows), window)
         available = encoder_frames(len(piece.mel))
         for start in range(0, len(piece.mel), window):
           chunk = piece.mel[start:start + window]
           windows.append(np.pad(chunk, ((0, window - len(chunk)), (0, 0))))
           window_lengths.append(len(chunk))
+        # The encoder averages pairs of 50 Hz frames over a row's windows: with an odd number of
+        # them per window, an audio takes an even number of windows, so the next starts a pair.
+        if (window // 2) % 2 and len(windows) % 2:
+          windows.append(np.zeros_like(windows[-1]))
+          window_lengths.append(0)
         frame_groups = [[base + k if k < available else -1
                          for k in range(p * group, (p + 1) * group)] for p in range(n)]
       text = None
@@ -132,7 +144,6 @@ def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
          cfg: ml_collections.ConfigDict) -> dict:
   """Batch of B rows, each packing its formatted conversations (segments 1, 2, ...) and padding
   to `seq_len` positions and `num_windows` mel windows; at least one row must hold one."""
-  pooled_per_window = cfg.encoder.window_frames // 4
   fill = {'input_ids': cfg.tokens.endoftext, 'speech_codes': cfg.speech.pad_id,
           'continuous_frames': -1, 'text_targets': IGNORE_ID, 'speech_targets': IGNORE_ID}
   batch = {name: [] for name in FIELDS}
@@ -146,7 +157,8 @@ def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
         if name == 'segment_ids':
           value = np.full_like(value, segment)
         elif name == 'continuous_frames':
-          value = np.where(value >= 0, value + windows_so_far * pooled_per_window, -1)
+          offset = pooled_offset(windows_so_far, cfg.encoder.window_frames)
+          value = np.where(value >= 0, value + offset, -1)
         parts[name].append(value)
       windows_so_far += len(example['mel_lengths'])
     for name in FIELDS:
@@ -160,10 +172,11 @@ def pack(rows: list[list[dict]], seq_len: int, num_windows: int,
   return {name: np.stack(values) for name, values in batch.items()}
 
 
-def prompt_batch(examples: list[dict], cfg: ml_collections.ConfigDict, prompt_len: int | None = None,
-                 num_windows: int | None = None) -> dict:
-  """Generation prompts (fac_jax.inference.generate): one formatted conversation a row, left-padded to
-  `prompt_len` positions (default: the longest), mel windows padded to `num_windows`; no targets."""
+def prompt_batch(examples: list[dict], cfg: ml_collections.ConfigDict,
+                 prompt_len: int | None = None, num_windows: int | None = None) -> dict:
+  """Generation prompts (fac_jax.inference.generate): one formatted conversation a row, left-padded
+  to `prompt_len` positions (default: the longest), mel windows padded to `num_windows`; no
+  targets."""
   prompt_len = prompt_len or max(len(e['input_ids']) for e in examples)
   num_windows = num_windows or max(len(e['mel_lengths']) for e in examples)
   fill = {'input_ids': cfg.tokens.endoftext, 'speech_codes': cfg.speech.pad_id,

@@ -6,7 +6,9 @@ mesh. Its iterator state is checkpointable, and resuming from it gives the same 
     -> local batch (batch_size / process_count rows) -> jax.make_array_from_process_local_data
 
 Preference splits (DPO) take the same path up to formatting; each pair then becomes row i of a
-chosen batch and of a rejected batch, one conversation a row (`dpo_dataset`).
+chosen batch and of a rejected batch, one conversation a row (`dpo_dataset`). A conversation or
+pair that fits no row is dropped and counted in the iterator's `dropped`; a split none of whose
+conversations fits is an error (prepare.DatasetError), not an endless search.
 """
 
 import copy
@@ -24,6 +26,8 @@ import numpy as np
 from fac_jax import sharding
 from fac_jax.checkpoints import text_tokenizer
 from fac_jax.data import conversation, preference, prepare
+
+
 @dataclasses.dataclass
 class FormatRecord:
   """A prepared record -> the arrays of one conversation (conversation.format_conversation) in
@@ -115,18 +119,54 @@ class FormatPair:
     return pair
 
 
-class _PackedBatchIterator(grain.DatasetIterator):
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """What the batches of one split are made of: rows a (local) batch, their size, the model, and
+  the split (`records` conversations, named by `where` in errors)."""
+  batch_size: int
+  seq_len: int
+  num_windows: int
+  model: ml_collections.ConfigDict
+  records: int
+  where: str
+
+
+class _RowIterator(grain.DatasetIterator):
+  """Batches of conversations in rows; `dropped` counts the conversations (or pairs) that fit no
+  row. Twice the split's size dropped in a row means that none fits: an error, not an endless
+  search."""
+
+  def __init__(self, parent: grain.DatasetIterator, rows: Rows):
+    super().__init__(parent)
+    self._rows = rows
+    self._batch_size, self._seq_len = rows.batch_size, rows.seq_len
+    self._num_windows, self._model = rows.num_windows, rows.model
+    self.dropped = 0
+    self._dropped_in_row = 0
+
+  def _drop(self, what: str) -> None:
+    self.dropped += 1
+    self._dropped_in_row += 1
+    logging.warning('dropped %s: a row holds %d positions and %d mel windows', what,
+                    self._seq_len, self._num_windows)
+    if self._dropped_in_row >= 2 * self._rows.records:
+      raise prepare.DatasetError(
+          f'{self._rows.where}: none of the last {self._dropped_in_row} conversations read (the '
+          f'split holds {self._rows.records}) fits a row of data.seq_len={self._seq_len} positions '
+          f'and data.num_windows={self._num_windows} mel windows; the last was {what}')
+
+  def _kept(self) -> None:
+    self._dropped_in_row = 0
+
+
+class _PackedBatchIterator(_RowIterator):
   """First-fit packing of conversations into `batch_size` rows; a batch is emitted when the next
   conversation fits no row, and that conversation starts the next batch. Conversations longer than
   a whole row are dropped and counted."""
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, seq_len: int,
-               num_windows: int, model: ml_collections.ConfigDict):
-    super().__init__(parent)
-    self._batch_size, self._seq_len, self._num_windows = batch_size, seq_len, num_windows
-    self._model = model
+  def __init__(self, parent: grain.DatasetIterator, rows: Rows):
+    super().__init__(parent, rows)
     self._carried = None  # (parent state before it, conversation) that did not fit the last batch
-    self.dropped = 0
 
   def _take(self):
     if self._carried is not None:
@@ -148,10 +188,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
         raise
       length, windows = len(example['input_ids']), len(example['mel_lengths'])
       if length > self._seq_len or windows > self._num_windows:
-        self.dropped += 1
-        logging.warning('dropped a conversation of %d positions and %d mel windows: a row holds '
-                        '%d and %d', length, windows, self._seq_len, self._num_windows)
+        self._drop(f'a conversation of {length} positions and {windows} mel windows')
         continue
+      self._kept()
       row = next((r for r, (s, w) in enumerate(room) if length <= s and windows <= w), None)
       if row is None:
         self._carried = (state, example)
@@ -175,27 +214,18 @@ class Batches(grain.IterDataset):
   """grain IterDataset of the batches an iterator class (_PackedBatchIterator or
   _PairBatchIterator) makes of its parent's formatted examples."""
 
-  def __init__(self, parent: grain.IterDataset, iterator: type, batch_size: int, seq_len: int,
-               num_windows: int, model: ml_collections.ConfigDict):
+  def __init__(self, parent: grain.IterDataset, iterator: type, rows: Rows):
     super().__init__(parent)
-    self._iterator = iterator
-    self._args = (batch_size, seq_len, num_windows, model)
+    self._iterator, self._rows = iterator, rows
 
   def __iter__(self) -> grain.DatasetIterator:
-    return self._iterator(self._parent.__iter__(), *self._args)
+    return self._iterator(self._parent.__iter__(), self._rows)
 
 
-class _PairBatchIterator(grain.DatasetIterator):
+class _PairBatchIterator(_RowIterator):
   """`batch_size` formatted pairs a batch, pair i in row i of both `chosen` and `rejected`, one
   conversation a row (no packing); when the data ends inside a batch, the rest of its rows are
   empty with task id -1. Pairs with an answer longer than a row are dropped and counted."""
-
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, seq_len: int,
-               num_windows: int, model: ml_collections.ConfigDict):
-    super().__init__(parent)
-    self._batch_size, self._seq_len, self._num_windows = batch_size, seq_len, num_windows
-    self._model = model
-    self.dropped = 0
 
   def _fits(self, example: dict) -> bool:
     return (len(example['input_ids']) <= self._seq_len
@@ -211,12 +241,11 @@ class _PairBatchIterator(grain.DatasetIterator):
           break
         raise
       if self._fits(pair['chosen']) and self._fits(pair['rejected']):
+        self._kept()
         pairs.append(pair)
         continue
-      self.dropped += 1
-      logging.warning('dropped a preference pair of %d and %d positions: a row holds %d positions '
-                      'and %d mel windows', len(pair['chosen']['input_ids']),
-                      len(pair['rejected']['input_ids']), self._seq_len, self._num_windows)
+      self._drop(f'a preference pair of {len(pair["chosen"]["input_ids"])} and '
+                 f'{len(pair["rejected"]["input_ids"])} positions')
     empty_rows = [[]] * (self._batch_size - len(pairs))
     batch = {answer: conversation.pack([[pair[answer]] for pair in pairs] + empty_rows,
                                        self._seq_len, self._num_windows, self._model)
@@ -238,9 +267,9 @@ def _format_record(cfg: ml_collections.ConfigDict) -> FormatRecord:
 
 
 def _formatted_stream(cfg: ml_collections.ConfigDict, split: str, formatter, *, seed, num_epochs,
-                      shuffle, process_index, process_count) -> tuple[grain.IterDataset, int]:
+                      shuffle, process_index, process_count) -> tuple[grain.IterDataset, Rows]:
   """This process's share of a prepared split (seeded shuffle, repeat, shard), each record mapped
-  by `formatter`; and the local batch size."""
+  by `formatter`; and the rows of its local batches."""
   data = cfg.data
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -258,7 +287,8 @@ def _formatted_stream(cfg: ml_collections.ConfigDict, split: str, formatter, *, 
   stream = records.map(formatter).to_iter_dataset()
   if data.worker_count > 0:
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
-  return stream, data.batch_size // process_count
+  return stream, Rows(data.batch_size // process_count, data.seq_len, data.num_windows, cfg.model,
+                      len(source), f'split {split!r} of {data.dir}')
 
 
 def dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = None,
@@ -270,11 +300,10 @@ def dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = No
 
   num_epochs None repeats forever (training); eval passes 1 and shuffle False.
   """
-  stream, local_batch_size = _formatted_stream(
+  stream, rows = _formatted_stream(
       cfg, split, _format_record(cfg), seed=seed, num_epochs=num_epochs, shuffle=shuffle,
       process_index=process_index, process_count=process_count)
-  return Batches(stream, _PackedBatchIterator, local_batch_size, cfg.data.seq_len,
-                 cfg.data.num_windows, cfg.model)
+  return Batches(stream, _PackedBatchIterator, rows)
 
 
 def dpo_dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None = None,
@@ -285,12 +314,11 @@ def dpo_dataset(cfg: ml_collections.ConfigDict, split: str, *, seed: int | None 
   {'chosen': batch, 'rejected': batch, 'task_ids': (B,) int32}, chosen and rejected ordinary
   batches (fac_jax.batch) with pair i in row i of both, padded to data.seq_len positions and
   data.num_windows mel windows; task ids index cfg.dpo.tasks, -1 marks an empty row."""
-  stream, local_batch_size = _formatted_stream(
+  stream, rows = _formatted_stream(
       cfg, split, FormatPair(_format_record(cfg), tuple(cfg.dpo.tasks)), seed=seed,
       num_epochs=num_epochs, shuffle=shuffle, process_index=process_index,
       process_count=process_count)
-  return Batches(stream, _PairBatchIterator, local_batch_size, cfg.data.seq_len,
-                 cfg.data.num_windows, cfg.model)
+  return Batches(stream, _PairBatchIterator, rows)
 
 
 def global_batch_shardings(local_batch, mesh: jax.sharding.Mesh):

@@ -2,7 +2,8 @@
 
 One conversation per line:
 
-  {"id": "train-00042",                       optional; default "<file name>:<line number>"
+  {"id": "train-00042",                       optional, a plain name (it names files); default
+                                              "<file name>:<line number>"
    "task": "spoken_qa",                       optional tag; default "chat"
    "system": "You are a helpful assistant.",  optional system prompt
    "turns": [
@@ -22,6 +23,7 @@ import json
 import os
 
 from fac_jax import files
+
 ROLES = ('user', 'assistant')
 
 
@@ -95,6 +97,9 @@ def parse_line(line: str, path: str, number: int) -> Conversation:
   if not isinstance(meta, dict):
     raise ManifestError(f'{where}: field "meta" must be an object')
   conversation_id = _optional_str(record, 'id', where) or f'{os.path.basename(path)}:{number}'
+  if not files.is_plain_name(conversation_id):  # ids name files, e.g. the pipeline's samples
+    raise ManifestError(f'{where}: field "id" must be a plain name (no path separator, not "." '
+                        f'or ".."), got {conversation_id!r}')
   return Conversation(id=conversation_id, turns=parsed, task=_optional_str(record, 'task', where)
                       or 'chat', system=_optional_str(record, 'system', where), meta=meta,
                       source=where)

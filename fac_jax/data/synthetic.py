@@ -5,6 +5,8 @@ import ml_collections
 
 from fac_jax import audio
 from fac_jax.data import conversation
+
+
 def tone_speech(rng: np.random.Generator, seconds: float) -> np.ndarray:
   """A 16 kHz waveform of syllable-like harmonic tones with gliding pitch and pauses."""
   samples = int(seconds * audio.SAMPLE_RATE)

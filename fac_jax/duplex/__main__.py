@@ -4,19 +4,20 @@ keeps talking over backchannels, yields when interrupted and listens again.
 
   python -m fac_jax.duplex --ckpt=CKPT --audio=conversation.wav --out=reply.wav
       [--timeline=reply.json] [--detokenizer=DIR|speech_tokenizer.npz] [--tail_seconds=3]
-      [--system="..."] [--seed=0] [--window_steps=N]
+      [--system="..."] [--seed=0] [--window_steps=N] [--allow_half_duplex]
 
-CKPT is a duplex checkpoint (python -m fac_jax.duplex.finetune) or a half-duplex one (then the
-silence vector is zero). --detokenizer voices the codes: a CosyVoice 3 folder written by
-fac_jax.speech.convert_cosyvoice, or a k-means speech tokenizer .npz (its Griffin-Lim
-detokenizer; default: the one in the checkpoint). --out receives a stereo wav at 16 kHz, the
-user on the left and the assistant on the right (resampled from the detokenizer's rate), each
-code group played in the 200 ms step after the one that produced it; --timeline (default: --out
-with .json) a JSON with every step (time, user voice activity, the assistant's phase and text
-token) and every reply (steps, text, whether the user was speaking when it ended). The caches
-keep the system prompt and the last --window_steps steps (fac_jax.duplex.stream); by default as
-many as the sessions the checkpoint was trained on, so that however long the call the model
-meets no longer distance than in training.
+CKPT is a duplex checkpoint (python -m fac_jax.duplex.finetune); a half-duplex one, never taught
+when to speak, is refused unless --allow_half_duplex (then the silence vector is zero).
+--detokenizer voices the codes: a CosyVoice 3 folder written by fac_jax.speech.convert_cosyvoice,
+or a k-means speech tokenizer .npz (its Griffin-Lim detokenizer; default: the one in the
+checkpoint). --out receives a stereo wav at 16 kHz, the user on the left and the assistant on the
+right (resampled from the detokenizer's rate), each code group played in the 200 ms step after
+the one that produced it; --timeline (default: --out with .json) a JSON with every step (time,
+user voice activity, the assistant's phase and text token) and every reply (steps, text, whether
+the user was speaking when it ended). The caches keep the system prompt and the last
+--window_steps steps (fac_jax.duplex.stream); by default as many as the sessions the checkpoint
+was trained on, so that however long the call the model meets no longer distance than in
+training.
 """
 
 import json
@@ -31,11 +32,12 @@ import numpy as np
 import soundfile
 from flax import nnx
 
-from fac_jax import audio
+from fac_jax import audio, cli
 from fac_jax.checkpoints import checkpoint, text_tokenizer
 from fac_jax.duplex import features, model as duplex_model, stream, timeline
 from fac_jax.inference import streaming
 from fac_jax.speech import detokenizer as detokenizer_lib
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('ckpt', None, 'Duplex (or half-duplex) fac_jax checkpoint.')
 flags.DEFINE_string('audio', None, "The user's side of the call: any audio file librosa reads.")
@@ -47,6 +49,8 @@ flags.DEFINE_float('tail_seconds', 3.0, 'Silence played after the audio, for a l
 flags.DEFINE_string('system', None, 'System prompt (default: the one the checkpoint was '
                     'trained with).')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+flags.DEFINE_bool('allow_half_duplex', False, 'Run a half-duplex checkpoint as an untrained '
+                  'duplex model (zero silence vector).')
 flags.DEFINE_integer('window_steps', None,
                      'Steps kept in the caches after the system prompt (200 ms each; default: '
                      'the session length the checkpoint was trained on, else 1500).')
@@ -74,6 +78,12 @@ def main(argv):
   if not FLAGS.ckpt or not FLAGS.audio or not FLAGS.out:
     raise app.UsageError('--ckpt, --audio and --out are required')
   try:
+    if not FLAGS.allow_half_duplex and not duplex_model.is_duplex(FLAGS.ckpt):
+      checkpoint.load_config(FLAGS.ckpt)  # a folder that is no checkpoint is refused as such
+      raise ValueError(f'{FLAGS.ckpt} is a half-duplex checkpoint (no '
+                       f'{duplex_model.DUPLEX_FOLDER}/{duplex_model.SILENCE_FILE}): fine-tune it '
+                       'with python -m fac_jax.duplex.finetune, or pass --allow_half_duplex to '
+                       'run it untrained')
     cfg, params, settings = duplex_model.load(FLAGS.ckpt)
     official = os.path.join(FLAGS.ckpt, checkpoint.OFFICIAL)
     try:
@@ -160,7 +170,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

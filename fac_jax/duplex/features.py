@@ -23,6 +23,7 @@ import numpy as np
 
 from fac_jax import audio
 from fac_jax.speech import speech_tokenizer
+
 STEP_SECONDS = 0.2
 CHUNK_MEL_FRAMES = 5 * speech_tokenizer.FRAMES_PER_CODE  # 20 frames at 100 Hz
 CHUNK_SAMPLES = CHUNK_MEL_FRAMES * audio.HOP_LENGTH  # 3200 samples at 16 kHz

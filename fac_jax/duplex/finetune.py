@@ -32,11 +32,12 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
-from fac_jax import sharding
+from fac_jax import cli, sharding
 from fac_jax.checkpoints import text_tokenizer
 from fac_jax.data import input_pipeline, prepare
 from fac_jax.duplex import metrics, model as duplex_model, stream, timeline
 from fac_jax.train import optim, steps
+
 SYSTEM_PROMPT = 'Answer the question in a few words.'
 
 
@@ -250,7 +251,7 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ import numpy as np
 
 from fac_jax.duplex.features import STEP_SECONDS
 from fac_jax.duplex.stream import BOS, EOS, LISTEN, SPEAK
+
 RESPONSE_WINDOW = 10
 STOP_BOUND = 5
 

@@ -39,6 +39,7 @@ from flax import nnx
 
 from fac_jax.checkpoints import checkpoint
 from fac_jax.model import fun_audio_chat
+
 DUPLEX_FOLDER = 'duplex'
 SILENCE_FILE = 'user_silence.npy'
 SPEECH_TOKENIZER_FILE = 'speech_tokenizer.npz'
@@ -121,6 +122,11 @@ def save(ckpt_dir: str, cfg: ml_collections.ConfigDict, params: dict, *, setting
   return writer.commit()
 
 
+def is_duplex(ckpt_dir: str) -> bool:
+  """Whether the checkpoint holds a duplex fine-tune's silence vector and settings."""
+  return os.path.exists(os.path.join(ckpt_dir, DUPLEX_FOLDER, SILENCE_FILE))
+
+
 def load(ckpt_dir: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
   """(model config, duplex parameters, settings) of a duplex checkpoint; a half-duplex checkpoint
   loads with a zero silence vector and empty settings."""
@@ -128,7 +134,7 @@ def load(ckpt_dir: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
   params = reader.load()
   folder = os.path.join(ckpt_dir, DUPLEX_FOLDER)
   silence, settings = None, {}
-  if os.path.exists(os.path.join(folder, SILENCE_FILE)):
+  if is_duplex(ckpt_dir):
     silence = np.load(os.path.join(folder, SILENCE_FILE))
     with open(os.path.join(folder, SETTINGS_FILE)) as f:
       settings = json.load(f)

@@ -41,6 +41,7 @@ from flax import nnx
 from fac_jax.duplex import features
 from fac_jax.inference.sampling import Sampling, select
 from fac_jax.model import layers, qwen3
+
 LISTEN, BOS, SPEAK, EOS, END = range(5)
 PHASE_NAMES = ('listen', 'bos', 'speak', 'eos', 'end')
 

@@ -49,6 +49,7 @@ from fac_jax.data import conversation, manifest, synth
 from fac_jax.duplex import features
 from fac_jax.duplex.model import USER_FIELDS
 from fac_jax.duplex.stream import BOS, END, EOS, LISTEN, SPEAK
+
 VAD_THRESHOLD = 0.01  # chunk RMS above which the user speaks (about -40 dBFS)
 BACKCHANNELS = ('yeah', 'okay', 'uh huh', 'right', 'sure', 'mm hmm', 'i see')
 BACKCHANNEL_SPEED = 220  # espeak-ng words a minute: backchannels are quick

@@ -296,6 +296,10 @@ def main(argv):
     print(f'WER {word_error_rate(references, transcripts):.4f}')
 
 
-if __name__ == '__main__':
+def run():
   _define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

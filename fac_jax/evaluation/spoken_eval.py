@@ -34,6 +34,7 @@ from fac_jax.evaluation import asr_judge
 from fac_jax.inference import generate, sampling
 from fac_jax.model import fun_audio_chat
 from fac_jax.speech import speech_tokenizer
+
 TASK_MODES = {'transcription': 's2t', 'spoken_qa': 's2s', 'text_qa': 's2t',
               'correct_answer': 's2s'}
 PARTS = {'taught': True, 'text_only': False}  # Question.taught of each reported part

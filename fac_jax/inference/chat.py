@@ -3,12 +3,18 @@ comes) and speech (a wav written through a speech detokenizer).
 
   python -m fac_jax.inference.chat --ckpt=CKPT --audio=question.wav [--out=answer.wav] [--mode=s2s|s2t]
       [--stream] [--detokenizer=DIR|speech_tokenizer.npz] [--max_new_tokens=256] [--greedy]
-      [--text="typed question"] [--history=turns.json]
+      [--text="typed question"] [--history=turns.json] [--system=TASK|"text"]
 
 --detokenizer is a CosyVoice 3 folder written by fac_jax.speech.convert_cosyvoice (flow, HiFT
 and speaker: the released model's voice, 24 kHz; --stream vocodes with real caches under the
 flow's chunk mask, otherwise the whole answer at once as Fun-Audio-Chat does) or a k-means speech
-tokenizer .npz (its Griffin-Lim detokenizer, 16 kHz).
+tokenizer .npz (its Griffin-Lim detokenizer, 16 kHz); by default the one a trained checkpoint
+holds in CKPT/chat/.
+
+The system prompt: --system names one of the checkpoint's training tasks (CKPT/chat/settings.json)
+or is the prompt's text. By default it is the prompt of the most trained task that answers as
+--mode does (speech for s2s, text for s2t), one whose questions are spoken (--audio) or typed
+(--text) first; for a checkpoint without tasks (an imported one), the official prompt of the mode.
 
 --history is a JSON list of earlier turns, {"user": "typed text" or {"audio": "path.wav"},
 "assistant": "its answer's text"}; as in the official multi-turn example, earlier answers come
@@ -25,19 +31,21 @@ import numpy as np
 import soundfile
 from flax import nnx
 
-from fac_jax import audio
+from fac_jax import audio, cli
 from fac_jax.checkpoints import checkpoint, text_tokenizer
 from fac_jax.data import conversation
 from fac_jax.inference import generate, sampling, streaming
 from fac_jax.model import fun_audio_chat
-from fac_jax.speech import detokenizer as detokenizer_lib
+from fac_jax.speech import detokenizer as detokenizer_lib, speech_tokenizer
+
 SYSTEM_PROMPTS = {
     's2s': 'You are asked to generate both text and speech tokens at the same time.',
     's2t': 'You are asked to generate text tokens.',
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or `fac_jax.checkpoints.convert`).')
+flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or '
+                    '`fac_jax.checkpoints.convert`).')
 flags.DEFINE_string('audio', None, 'The spoken question: any audio file librosa reads.')
 flags.DEFINE_string('text', None, 'A typed question, instead of --audio.')
 flags.DEFINE_string('history', None, 'JSON file of earlier turns (see the module docstring).')
@@ -46,7 +54,9 @@ flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.
 flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
 flags.DEFINE_string('detokenizer', None, 'Turns codes into audio: a converted CosyVoice 3 '
                     'folder (fac_jax.speech.convert_cosyvoice), or a k-means speech tokenizer '
-                    '.npz (Griffin-Lim).')
+                    '.npz (Griffin-Lim; default: the one in CKPT/chat/).')
+flags.DEFINE_string('system', None, 'System prompt: a training task of the checkpoint, or the '
+                    "prompt's text (default: see the module docstring).")
 flags.DEFINE_integer('max_new_tokens', 256, 'Text tokens to generate at most (5 per second).')
 flags.DEFINE_float('max_audio_seconds', 300.0, 'Longest question accepted.')
 flags.DEFINE_bool('greedy', False, 'Greedy text (the official examples); speech is sampled.')
@@ -76,14 +86,57 @@ def read_history(path: str) -> list[dict]:
   return turns
 
 
-def build_prompt(tokenizer, cfg, mode: str, history: list[dict], question) -> dict:
-  """ChatML prompt: system, earlier turns, the question (a waveform or a str), the assistant
-  header."""
+def system_prompt(tasks: dict, mode: str, typed: bool, choice: str | None) -> tuple[str, str]:
+  """(system prompt, where it comes from) as the module docstring says."""
+  if choice in tasks:
+    return tasks[choice]['system'] or '', f'task {choice}'
+  if choice is not None:
+    return choice, '--system'
+  answer, question = ('speech' if mode == 's2s' else 'text'), ('text' if typed else 'speech')
+  fitting = [name for name, task in tasks.items() if task['answer'] == answer]
+  fitting.sort(key=lambda name: tasks[name]['question'] != question)  # stable: most trained first
+  if fitting:
+    return tasks[fitting[0]]['system'] or '', f'task {fitting[0]}'
+  return SYSTEM_PROMPTS[mode], f'the official {mode} prompt'
+
+
+def check_out(path: str) -> None:
+  """Refuses an --out that cannot be written, before any answer is generated."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ChatError(f'--out={path} is a folder; give the wav file to write')
+  if not os.path.isdir(folder):
+    raise ChatError(f'--out={path}: folder {folder} does not exist')
+  if not os.access(folder, os.W_OK):
+    raise ChatError(f'--out={path}: folder {folder} is not writable')
+
+
+def load_detokenizer(ckpt: str, cfg) -> speech_tokenizer.SpeechDetokenizer:
+  """--detokenizer, else the k-means speech tokenizer the checkpoint holds."""
+  path = FLAGS.detokenizer or os.path.join(ckpt, checkpoint.CHAT, checkpoint.SPEECH_TOKENIZER_FILE)
+  if FLAGS.detokenizer and not os.path.exists(path):
+    raise ChatError(f'--detokenizer={path} does not exist')
+  if not os.path.exists(path):
+    trained = checkpoint.chat_settings(ckpt).get('speech_tokenizer')
+    raise ChatError('--out needs --detokenizer (a CosyVoice 3 folder or a speech tokenizer .npz) '
+                    f'to make audio: {ckpt} holds none' + (
+                        f' (it speaks the codes of {trained["kind"]} {trained["file"]})'
+                        if trained else ''))
+  detokenizer = detokenizer_lib.load(path)
+  if detokenizer.vocab_size > cfg.speech.bos_id:
+    raise ChatError(f'{path} has {detokenizer.vocab_size} codes; the model speaks '
+                    f'{cfg.speech.bos_id}')
+  return detokenizer
+
+
+def build_prompt(tokenizer, cfg, system: str, history: list[dict], question) -> dict:
+  """ChatML prompt: system (none when empty, as training leaves it out), earlier turns, the
+  question (a waveform or a str), the assistant header."""
   tok = cfg.tokens
   encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
   newline = encode('\n')
-  pieces = [conversation.Text([tok.im_start] + encode('system\n' + SYSTEM_PROMPTS[mode])
-                              + [tok.im_end] + newline, trained=False)]
+  pieces = [conversation.Text([tok.im_start] + encode('system\n' + system) + [tok.im_end]
+                              + newline, trained=False)] if system else []
 
   def user_turn(content):
     pieces.append(conversation.Text([tok.im_start] + encode('user\n'), trained=False))
@@ -119,30 +172,31 @@ def main(argv):
   if not FLAGS.ckpt or bool(FLAGS.audio) == bool(FLAGS.text):
     raise app.UsageError('--ckpt and one of --audio or --text are required')
   try:
+    if FLAGS.out and FLAGS.mode == 's2t':
+      raise ChatError('--out writes a spoken answer, but --mode=s2t answers in text only: drop '
+                      '--out, or use --mode=s2s')
+    if FLAGS.out:
+      check_out(FLAGS.out)
     cfg = checkpoint.load_config(FLAGS.ckpt)
     official = os.path.join(FLAGS.ckpt, checkpoint.OFFICIAL)
     try:
       tokenizer = text_tokenizer.load(official)
     except FileNotFoundError:
-      raise ChatError(f'{FLAGS.ckpt} has no tokenizer files in {official}/') from None
-    detokenizer = None
-    if FLAGS.mode == 's2s' and FLAGS.out:
-      if not FLAGS.detokenizer:
-        raise ChatError('--out needs --detokenizer (a CosyVoice folder or a speech tokenizer '
-                        '.npz) to make audio')
-      detokenizer = detokenizer_lib.load(FLAGS.detokenizer)
-      if detokenizer.vocab_size > cfg.speech.bos_id:
-        raise ChatError(f'{FLAGS.detokenizer} has {detokenizer.vocab_size} codes; the model '
-                        f'speaks {cfg.speech.bos_id}')
+      raise ChatError(f'{FLAGS.ckpt} has no tokenizer files in {official}/: copy there those of '
+                      'the data it was trained on (DATA/tokenizer/) or of the official '
+                      'folder it came from') from None
+    detokenizer = load_detokenizer(FLAGS.ckpt, cfg) if FLAGS.out else None
     history = read_history(FLAGS.history) if FLAGS.history else []
     question = FLAGS.text or read_question(FLAGS.audio)
-    prompt = build_prompt(tokenizer, cfg, FLAGS.mode, history, question)
-    reader = checkpoint.Reader(FLAGS.ckpt)
-  except (ChatError, FileNotFoundError, ValueError) as e:
+    system, source = system_prompt(checkpoint.chat_settings(FLAGS.ckpt).get('tasks', {}),
+                                   FLAGS.mode, bool(FLAGS.text), FLAGS.system)
+    prompt = build_prompt(tokenizer, cfg, system, history, question)
+    params = checkpoint.Reader(FLAGS.ckpt).load()
+  except (ChatError, OSError, ValueError) as e:
     sys.exit(f'error: {e}')
 
+  print(f'system prompt ({source}): {system!r}', file=sys.stderr)
   graphdef, _ = nnx.split(fun_audio_chat.abstract_model(cfg))
-  params = reader.load()
   text_sampling = sampling.Sampling(greedy=True) if FLAGS.greedy else sampling.Sampling()
   gen = generate.GenerationConfig(FLAGS.max_new_tokens, mode=FLAGS.mode, text=text_sampling)
   key = jax.random.key(FLAGS.seed)
@@ -179,7 +233,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

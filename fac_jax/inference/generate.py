@@ -14,6 +14,8 @@ import ml_collections
 
 from fac_jax.inference.sampling import Sampling, select
 from fac_jax.model import fun_audio_chat, qwen3
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   max_new_tokens: int = 512  # text tokens, the forced <|audio_bos|> included

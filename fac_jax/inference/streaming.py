@@ -11,6 +11,8 @@ from flax import nnx
 
 from fac_jax.inference import generate
 from fac_jax.speech import speech_tokenizer
+
+
 @dataclasses.dataclass
 class StepOutput:
   text: np.ndarray  # (B,) this step's text token

@@ -11,8 +11,8 @@ weights are mapped onto our `llm/` subtree. Everything is checked from metadata 
 is written; then each leaf is read from every input, merged and written before the next is read,
 so host memory holds the inputs' and the merged copies of one leaf (small leaves are read a few
 together) plus the buffers of one orbax read (about two more copies while it decodes), never the
-model. The output gets the first fine-tune's config.json and official/ files and is committed
-atomically.
+model. The output gets the first fine-tune's config.json, official/ and chat/ files and is
+committed atomically.
 """
 
 from collections.abc import Mapping, Sequence
@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 import ml_collections
 import numpy as np
@@ -30,11 +30,12 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 import tqdm
 
-from fac_jax import sharding
+from fac_jax import cli, sharding
 from fac_jax.checkpoints import checkpoint, official_layout, safetensors_io
 from fac_jax.merging import methods
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import optim
+
 Path = tuple[str, ...]
 # Hugging Face Qwen3 config.json field -> our LLM config field, for the sizes that must agree.
 QWEN3_SIZES = {'vocab_size': 'vocab_size', 'num_hidden_layers': 'num_layers',
@@ -76,10 +77,10 @@ class CheckpointLeaves:
   def __init__(self, ckpt_dir: str):
     try:
       checkpoint.load_config(ckpt_dir)
-    except FileNotFoundError as e:
+      self.shapes: dict[Path, tuple] = _flatten(checkpoint.saved_shapes(ckpt_dir))
+    except (FileNotFoundError, checkpoint.CheckpointReadError) as e:
       raise MergeError(str(e)) from None
     self.name = ckpt_dir
-    self.shapes: dict[Path, tuple] = _flatten(checkpoint.saved_shapes(ckpt_dir))
 
   def read(self, paths: Sequence[Path], shardings: Mapping[Path, jax.sharding.Sharding]
            ) -> dict[Path, jax.Array]:
@@ -89,7 +90,10 @@ class CheckpointLeaves:
     abstract = {path: ocp.PLACEHOLDER for path in self.shapes}
     for path in paths:
       abstract[path] = jax.ShapeDtypeStruct(*self.shapes[path], sharding=shardings[path])
-    loaded = _flatten(ocp.load(os.path.join(self.name, checkpoint.PARAMS), nest(abstract)))
+    try:
+      loaded = _flatten(checkpoint.read_params(self.name, nest(abstract)))
+    except checkpoint.CheckpointReadError as e:
+      raise MergeError(str(e)) from None
     return {path: loaded[path] for path in paths}
 
 
@@ -151,7 +155,7 @@ class CausalLMLeaves:
     return {path: jax.make_array_from_callback(
         self.shapes[path][0], shardings[path],
         lambda index, m=self.maps[path]: official_layout.read_block(
-            self.tensors.array, m, index, methods.COMPUTE_DTYPE)) for path in paths}
+            self.tensors.slice, m, index, methods.COMPUTE_DTYPE)) for path in paths}
 
 
 def open_base(base: str, llm_config: ml_collections.ConfigDict
@@ -281,13 +285,13 @@ def merge_checkpoints(method: str, base: str, finetuned: Sequence[str], out: str
           progress.update(leaf.nbytes)
           del leaf
         checkpoint.release_freed_memory()
-    official = os.path.join(finetuned[0], checkpoint.OFFICIAL)
-    if jax.process_index() == 0 and os.path.isdir(official):
-      shutil.copytree(official, os.path.join(writer.dir, checkpoint.OFFICIAL), dirs_exist_ok=True)
+    for folder in (checkpoint.OFFICIAL, checkpoint.CHAT):
+      source = os.path.join(finetuned[0], folder)
+      if jax.process_index() == 0 and os.path.isdir(source):
+        shutil.copytree(source, os.path.join(writer.dir, folder), dirs_exist_ok=True)
     path = writer.commit()
   except BaseException:
-    if jax.process_index() == 0:
-      shutil.rmtree(writer.dir, ignore_errors=True)
+    writer.abort()
     raise
   return Summary(path, len(shapes), len(selected), total, time.time() - start)
 
@@ -318,8 +322,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   FLAGS = flags.FLAGS
-  if not FLAGS['verbosity'].present:  # orbax logs every read and write: keep the progress bar
-    logging.set_verbosity(logging.WARNING)
   args = {name: FLAGS[name].value for name in ('alpha', 'density', 'drop_rate', 'scale', 'seed')
           if FLAGS[name].value is not None}
   if 'alpha' in args:
@@ -338,7 +340,7 @@ def main(argv):
 def run():
   """Console-script entry point."""
   _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

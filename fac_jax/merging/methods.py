@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fac_jax.train import optim
+
 COMPUTE_DTYPE = jnp.float32
 # Cosine above which two leaves count as colinear and slerp falls back to linear interpolation.
 SLERP_COLINEAR_COSINE = 1 - 1e-6

@@ -7,7 +7,9 @@ from flax import nnx
 import ml_collections
 
 from fac_jax import sharding
-from fac_jax.model import layers
+from fac_jax.model import attention, layers
+
+
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
   """Whisper's fixed position table, [sin | cos]."""
   log_increment = np.log(max_timescale) / (channels // 2 - 1)
@@ -33,11 +35,12 @@ class EncoderLayer(nnx.Module):
     self.fc2 = layers.linear(cfg.mlp_dim, d, ('encoder_mlp', 'encoder_embed'), use_bias=True, **kw)
 
   def __call__(self, x, mask):
+    """mask: an attention.Windows, or a (B, 1, T, T) boolean array for XLA."""
     batch, length, d = x.shape
     heads = lambda t: t.reshape(batch, length, self.num_heads, d // self.num_heads)
     h = self.self_attn_norm(x)
-    attn = jax.nn.dot_product_attention(heads(self.q_proj(h)), heads(self.k_proj(h)),
-                                        heads(self.v_proj(h)), mask=mask)
+    attn = attention.attend(heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h)),
+                            mask)
     x = x + self.out_proj(attn.reshape(batch, length, d))
     x = x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
     return x
@@ -48,17 +51,20 @@ class ContinuousSpeechEncoder(nnx.Module):
 
   Each window of `window_frames` mel frames (2 s) is encoded on its own: positions restart at 0
   and attention stays inside the window, which is Whisper's block-diagonal windowed attention.
+  As in the official encoder, the 50 Hz outputs of a row's windows are then concatenated and
+  averaged in pairs, so with an odd number of 50 Hz frames per window a pair spans two windows.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, output_dim: int, *, dtype, param_dtype,
-               remat_policy: str = 'none', rngs: nnx.Rngs):
-    if cfg.window_frames % 4:
-      raise ValueError(f'encoder.window_frames={cfg.window_frames}: must be a multiple of 4 so '
-                       'that 25 Hz pooling pairs never straddle two windows')
+               remat_policy: str = 'none', attention: str = 'auto', rngs: nnx.Rngs):
+    if cfg.window_frames % 2:
+      raise ValueError(f'encoder.window_frames={cfg.window_frames}: must be even (the official '
+                       'chunk is 2 * n_window mel frames)')
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d = cfg.hidden_size
     self.window_frames = cfg.window_frames
     self.remat_policy = remat_policy
+    self.attention = attention  # model.attention
     conv_kw = dict(kernel_metadata={'logical_axes': ('conv_kernel', 'mel', 'encoder_embed')},
                    bias_metadata={'logical_axes': ('encoder_embed',)}, **kw)
     self.conv1 = nnx.Conv(cfg.num_mel_bins, d, kernel_size=3, padding=((1, 1),), **conv_kw)
@@ -92,23 +98,27 @@ class ContinuousSpeechEncoder(nnx.Module):
 
     conv_lengths = jnp.where(lengths > 0, (lengths - 1) // 2 + 1, 0)
     valid_conv = jnp.arange(conv_frames)[None, :] < conv_lengths[:, None]
-    # Valid frames attend to valid frames; padding frames attend to themselves (discarded later).
-    mask = valid_conv[:, None, :, None] & valid_conv[:, None, None, :]
-    mask |= jnp.eye(conv_frames, dtype=bool)
+    mask = attention.Windows(valid_conv, self.attention)
     x = sharding.constrain(x, ('batch', 'length', 'encoder_embed'))
     return layers.scan_layers(self.layers, x, mask, remat_policy=self.remat_policy), conv_lengths
 
   def __call__(self, mel: jax.Array, mel_lengths: jax.Array) -> jax.Array:
-    """mel: (B, W, window_frames, mels); mel_lengths: (B, W) valid frames per window.
+    """mel: (B, W, window_frames, mels); mel_lengths: (B, W) valid frames per window. An audio's
+    windows are consecutive and it starts on an even 50 Hz frame (fac_jax.data.conversation).
 
-    Returns (B, W * window_frames // 4, output_dim): each window's 25 Hz frames in order, zero
-    where a window has no valid frame.
+    Returns (B, W * (window_frames // 2) // 2, output_dim): frame m averages the row's 50 Hz
+    frames 2m and 2m + 1, zero where frame 2m is padding. Where 2m + 1 is padding, frame m is 2m
+    alone: the official encoder does not pool an audio of one 50 Hz frame (any longer audio drops
+    its odd last frame, which no position reads).
     """
     batch, windows = mel.shape[:2]
     x, conv_lengths = self.window_states(mel, mel_lengths)
     conv_frames = x.shape[1]
-    x = x.reshape(batch * windows, conv_frames // 2, 2, -1).mean(axis=2)
+    valid = jnp.arange(conv_frames)[None, :] < conv_lengths[:, None]
+    pairs = windows * conv_frames // 2
+    x = x.reshape(batch, windows * conv_frames, -1)[:, :2 * pairs].reshape(batch, pairs, 2, -1)
+    valid = valid.reshape(batch, windows * conv_frames)[:, :2 * pairs].reshape(batch, pairs, 2)
+    first = x[:, :, 0]
+    x = (first + jnp.where(valid[:, :, 1, None], x[:, :, 1], first)) / 2
     x = self.proj(self.final_norm(x))
-    valid_pooled = jnp.arange(conv_frames // 2)[None, :] < (conv_lengths // 2)[:, None]
-    x = jnp.where(valid_pooled[..., None], x, 0)
-    return x.reshape(batch, windows * (conv_frames // 2), -1)
+    return jnp.where(valid[:, :, 0, None], x, 0)

@@ -1,4 +1,4 @@
-"""The Fun-Audio-Chat model: speech encoders, DRSR grouping adapters, shared LLM, speech refined head.
+"""The Fun-Audio-Chat model: speech encoders, DRSR grouping adapters, shared LLM, refined head.
 
 Data flow (DESIGN.md section 1): user audio -> continuous encoder -> 25 Hz vectors -> mean of 5 ->
 projection; assistant speech codes -> embedding -> mean of 5 -> projection; at assistant audio
@@ -14,6 +14,8 @@ import optax
 
 from fac_jax.batch import IGNORE_ID
 from fac_jax.model import audio_encoder, layers, qwen3
+
+
 class GroupingAdapters(nnx.Module):
   """DRSR input side: groups of 5 speech vectors -> one LLM position.
 
@@ -23,13 +25,20 @@ class GroupingAdapters(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d = cfg.llm.hidden_size
+    self.pad_id = cfg.speech.pad_id
     self.code_embedding = layers.embed(cfg.speech.codebook_size, d, ('speech_vocab', 'embed'), **kw)
     self.code_projection = layers.linear(d, d, ('embed', 'embed'), **kw)
     self.continuous_projection = layers.linear(d, d, ('embed', 'embed'), **kw)
 
+  def embed_codes(self, codes: jax.Array) -> jax.Array:
+    """Code embeddings. As through the official nn.Embedding(padding_idx=pad), a pad lookup sends
+    no gradient to the pad row; the refined head's tied output still does."""
+    embeds = self.code_embedding(codes)
+    return jnp.where((codes == self.pad_id)[..., None], jax.lax.stop_gradient(embeds), embeds)
+
   def group_codes(self, codes: jax.Array) -> jax.Array:
     """(..., 5) codes -> (..., D): mean of the 5 code embeddings, projected."""
-    return self.code_projection(self.code_embedding(codes).mean(axis=-2))
+    return self.code_projection(self.embed_codes(codes).mean(axis=-2))
 
   def group_frames(self, frames: jax.Array, frame_index: jax.Array) -> jax.Array:
     """frames (B, N, D), frame_index (B, S, 5) with -1 for a zero frame -> (B, S, D)."""
@@ -49,7 +58,8 @@ class SpeechRefinedHead(nnx.Module):
     self.split_projection = layers.linear(d, group * d, ('embed', 'group_embed'), use_bias=True,
                                           **kw)
     self.down_projection = layers.linear(d, head_cfg.hidden_size, ('embed', 'embed'), **kw)
-    self.decoder = qwen3.DecoderStack(head_cfg, remat_policy=cfg.remat_policy, **kw)
+    self.decoder = qwen3.DecoderStack(head_cfg, remat_policy=cfg.remat_policy,
+                                      attention=cfg.get('attention', 'auto'), **kw)
     self.up_projection = layers.linear(head_cfg.hidden_size, d, ('embed', 'embed'), **kw)
 
   def split(self, states: jax.Array) -> jax.Array:
@@ -59,18 +69,25 @@ class SpeechRefinedHead(nnx.Module):
 
   def __call__(self, inputs, positions, segment_ids, code_embedding: nnx.Embed):
     """inputs (B, 5S, D): split states plus previous-code embeddings -> logits (B, 5S, codes)."""
+    return self.logits(self.states(inputs, positions, segment_ids), code_embedding)
+
+  def states(self, inputs, positions, segment_ids) -> jax.Array:
+    """__call__ up to the output layers: the decoder's final-normed states (B, 5S, head D)."""
     group = self.group_size
     sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(inputs.shape[:2])
-    hidden = self.decoder(self.down_projection(inputs), sub_positions,
-                          jnp.repeat(segment_ids, group, axis=1))
-    return code_embedding.attend(self.up_projection(hidden))
+    return self.decoder(self.down_projection(inputs), sub_positions,
+                        jnp.repeat(segment_ids, group, axis=1))
+
+  def logits(self, states: jax.Array, code_embedding: nnx.Embed) -> jax.Array:
+    """The output layers: (..., head D) states -> up-projection -> tied code logits (..., codes)."""
+    return code_embedding.attend(self.up_projection(states))
 
   def decode(self, inputs, positions, cache, valid_slots, code_embedding: nnx.Embed):
     """Incremental form of __call__ over the head's KV cache: inputs (B, T, D) for the next T
     sub-slots at 25 Hz positions (B, T) -> (logits (B, T, codes), cache)."""
     hidden, cache = self.decoder.decode(self.down_projection(inputs), positions, cache,
                                         valid_slots)
-    return code_embedding.attend(self.up_projection(hidden)), cache
+    return self.logits(hidden, code_embedding), cache
 
 
 class FunAudioChat(nnx.Module):
@@ -79,11 +96,16 @@ class FunAudioChat(nnx.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.speech_pad_id = cfg.speech.pad_id
+    # Checkpoints written before the field have no loss_chunk_positions in their config.
+    self.loss_chunk_positions = cfg.get('loss_chunk_positions', 0)
     self.user_audio_scale = 0.5 if cfg.halve_user_audio else 1.0
+    # Checkpoints written before model.attention have none in their config.
+    attention = cfg.get('attention', 'auto')
     self.continuous_encoder = audio_encoder.ContinuousSpeechEncoder(
-        cfg.encoder, cfg.llm.hidden_size, remat_policy=cfg.remat_policy, **kw)
+        cfg.encoder, cfg.llm.hidden_size, remat_policy=cfg.remat_policy, attention=attention,
+        **kw)
     self.adapters = GroupingAdapters(cfg, **kw)
-    self.llm = qwen3.CausalLM(cfg.llm, remat_policy=cfg.remat_policy, **kw)
+    self.llm = qwen3.CausalLM(cfg.llm, remat_policy=cfg.remat_policy, attention=attention, **kw)
     self.speech_refined_head = SpeechRefinedHead(cfg, **kw)
 
   def embed_inputs(self, batch: dict, training: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -116,38 +138,94 @@ class FunAudioChat(nnx.Module):
     flat_targets = speech_targets.reshape(speech_targets.shape[0], -1)
     previous = jnp.pad(flat_targets[:, :-1], ((0, 0), (1, 0)), constant_values=IGNORE_ID)
     previous = jnp.where(previous == IGNORE_ID, self.speech_pad_id, previous)
-    return split + self.adapters.code_embedding(previous)
+    return split + self.adapters.embed_codes(previous)
+
+  def final_states(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced forward up to the output layers: LLM states (B, S, D) and refined-head
+    states (B, 5S, head D)."""
+    inputs, head_text = self.embed_inputs(batch)
+    hidden = self.llm.decoder(inputs, batch['positions'], batch['segment_ids'])
+    head_inputs = self.speech_head_inputs(hidden, head_text, batch['speech_targets'])
+    return hidden, self.speech_refined_head.states(head_inputs, batch['positions'],
+                                                   batch['segment_ids'])
+
+  def speech_logits(self, states: jax.Array) -> jax.Array:
+    return self.speech_refined_head.logits(states, self.adapters.code_embedding)
 
   def __call__(self, batch: dict) -> dict:
     """Teacher-forced forward: text logits (B, S, V) and speech logits (B, 5S, codes)."""
-    inputs, head_text = self.embed_inputs(batch)
-    hidden = self.llm.decoder(inputs, batch['positions'], batch['segment_ids'])
-    text_logits = self.llm.lm_head(hidden)
-    head_inputs = self.speech_head_inputs(hidden, head_text, batch['speech_targets'])
-    speech_logits = self.speech_refined_head(head_inputs, batch['positions'],
-                                             batch['segment_ids'], self.adapters.code_embedding)
-    return {'text_logits': text_logits, 'speech_logits': speech_logits}
+    hidden, speech_states = self.final_states(batch)
+    return {'text_logits': self.llm.lm_head(hidden),
+            'speech_logits': self.speech_logits(speech_states)}
+
+  def target_nll(self, batch: dict) -> dict:
+    """Teacher-forced per-target (nll, hits) of both channels (as logits_target_nll of
+    __call__'s logits), the logits made loss_chunk_positions LLM positions at a time (the
+    speech channel: their 5 sub-slots each), or whole rows at 0."""
+    hidden, speech_states = self.final_states(batch)
+    targets = channel_targets(batch)
+    chunk = self.loss_chunk_positions
+    return {'text': chunked_target_nll(self.llm.lm_head, hidden, targets['text'], chunk),
+            'speech': chunked_target_nll(self.speech_logits, speech_states, targets['speech'],
+                                         chunk * self.speech_refined_head.group_size)}
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean cross-entropy and accuracy over targets that are not IGNORE_ID (float32)."""
+def target_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per target: float32 cross-entropy, and whether the argmax is the target; both 0 (False)
+  where the target is IGNORE_ID."""
   valid = targets != IGNORE_ID
   safe_targets = jnp.where(valid, targets, 0)
   logits = logits.astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
-  count = jnp.maximum(valid.sum(), 1)
-  loss = jnp.where(valid, losses, 0).sum() / count
-  accuracy = (valid & (logits.argmax(-1) == safe_targets)).sum() / count
-  return loss, accuracy
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
+  return jnp.where(valid, nll, 0), valid & (logits.argmax(-1) == safe_targets)
+
+
+def chunked_target_nll(head, states: jax.Array, targets: jax.Array,
+                       chunk: int) -> tuple[jax.Array, jax.Array]:
+  """target_nll(head(states), targets) for states (B, T, D) and targets (B, T), made `chunk`
+  positions at a time (0: all at once). The backward pass makes each chunk's logits again, so
+  at most one chunk's (B, chunk, V) logits are ever held, not the (B, T, V) of all."""
+  if not chunk:
+    return target_nll(head(states), targets)
+  rows, length = targets.shape
+  pad = -length % chunk
+  states = jnp.pad(states, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_ID)
+  to_chunks = lambda x: jnp.swapaxes(x.reshape((rows, -1, chunk) + x.shape[2:]), 0, 1)
+  of_chunk = jax.checkpoint(lambda xs: target_nll(head(xs[0]), xs[1]), prevent_cse=False)
+  per_chunk = jax.lax.map(of_chunk, (to_chunks(states), to_chunks(targets)))
+  return tuple(jnp.swapaxes(x, 0, 1).reshape(rows, -1)[:, :length] for x in per_chunk)
+
+
+def channel_targets(batch: dict) -> dict:
+  """{'text': (B, S), 'speech': (B, 5S)}: each channel's targets, speech flat by sub-slot."""
+  rows = batch['text_targets'].shape[0]
+  return {'text': batch['text_targets'], 'speech': batch['speech_targets'].reshape(rows, -1)}
+
+
+def logits_target_nll(outputs: dict, batch: dict) -> dict:
+  """{'text': (nll, hits), 'speech': (nll, hits)} (target_nll's) from __call__'s logits."""
+  targets = channel_targets(batch)
+  return {channel: target_nll(outputs[f'{channel}_logits'], targets[channel])
+          for channel in targets}
+
+
+def losses(per_target: dict, batch: dict) -> dict:
+  """Text CE + speech CE, weight 1:1, each a mean over its valid targets, and each channel's
+  accuracy, from per-target (nll, hits) of both channels."""
+  metrics = {}
+  for channel, targets in channel_targets(batch).items():
+    nll, hits = per_target[channel]
+    count = jnp.maximum((targets != IGNORE_ID).sum(), 1)
+    metrics[f'{channel}_loss'] = nll.sum() / count
+    metrics[f'{channel}_accuracy'] = hits.sum() / count
+  metrics['loss'] = metrics['text_loss'] + metrics['speech_loss']
+  return metrics
 
 
 def compute_losses(outputs: dict, batch: dict) -> dict:
-  """Text CE + speech CE, weight 1:1, each a mean over its valid targets."""
-  text_loss, text_accuracy = masked_cross_entropy(outputs['text_logits'], batch['text_targets'])
-  speech_targets = batch['speech_targets'].reshape(batch['speech_targets'].shape[0], -1)
-  speech_loss, speech_accuracy = masked_cross_entropy(outputs['speech_logits'], speech_targets)
-  return {'loss': text_loss + speech_loss, 'text_loss': text_loss, 'speech_loss': speech_loss,
-          'text_accuracy': text_accuracy, 'speech_accuracy': speech_accuracy}
+  """losses() from __call__'s full logits."""
+  return losses(logits_target_nll(outputs, batch), batch)
 
 
 def create(cfg: ml_collections.ConfigDict, seed: int = 0) -> FunAudioChat:

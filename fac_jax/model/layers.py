@@ -1,4 +1,4 @@
-"""Building blocks shared by the model's towers: annotated layers, RoPE, masks, scanned stacks."""
+"""Building blocks shared by the model's towers: annotated layers, RoPE, scanned stacks."""
 
 from collections.abc import Callable
 
@@ -47,15 +47,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def segment_mask(segment_ids: jax.Array, causal: bool) -> jax.Array:
-  """(B, 1, T, T) attention mask: same packed segment, and not the future when causal."""
-  mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-  if causal:
-    length = segment_ids.shape[1]
-    mask &= jnp.tril(jnp.ones((length, length), dtype=bool))
-  return mask[:, None]
 
 
 def stacked_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,

@@ -6,7 +6,9 @@ from flax import nnx
 import ml_collections
 
 from fac_jax import sharding
-from fac_jax.model import layers
+from fac_jax.model import attention, layers
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
 
@@ -24,9 +26,10 @@ class Attention(nnx.Module):
     self.k_norm = layers.rms_norm(cfg.head_dim, cfg.norm_eps, **kw)
 
   def __call__(self, x, positions, mask, cache=None):
-    """Without `cache`, attends over x itself. With cache = {'k', 'v': (B, slots, K, H),
-    'index': first slot to write}, writes this step's keys and values there, attends over all
-    slots (mask: (B, 1, T, slots)) and returns (out, updated cache)."""
+    """Without `cache`, attends over x itself (mask: an attention.Packed, or a (B, 1, T, T)
+    boolean array for XLA). With cache = {'k', 'v': (B, slots, K, H), 'index': first slot to
+    write}, writes this step's keys and values there, attends over all slots by XLA (mask:
+    (B, 1, T, slots)) and returns (out, updated cache)."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -39,7 +42,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
       v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
       cache = dict(cache, k=k, v=v)
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
     return out if cache is None else (out, cache)
 
@@ -77,19 +80,24 @@ class DecoderLayer(nnx.Module):
 
 
 class DecoderStack(nnx.Module):
-  """Scanned Qwen3 decoder layers and the final RMSNorm (no token embedding, no head)."""
+  """Scanned Qwen3 decoder layers and the final RMSNorm (no token embedding, no head).
+
+  `attention` (model.attention) picks the kernel of the full forward; decode uses XLA's with
+  its slot mask.
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype,
-               remat_policy: str = 'none', rngs: nnx.Rngs):
+               remat_policy: str = 'none', attention: str = 'auto', rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.remat_policy = remat_policy
+    self.attention = attention
     self.layers = layers.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw),
                                         cfg.num_layers, rngs)
     self.final_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x: (B, T, D) inputs; positions, segment_ids: (B, T). Causal within each segment."""
-    mask = layers.segment_mask(segment_ids, causal=True)
+    mask = attention.Packed(segment_ids, self.attention)
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
     x = layers.scan_layers(self.layers, x, positions, mask, remat_policy=self.remat_policy)
     return self.final_norm(x)
@@ -123,10 +131,10 @@ class CausalLM(nnx.Module):
   """Token embedding, decoder stack and an untied lm_head: the shared LLM."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype,
-               remat_policy: str = 'none', rngs: nnx.Rngs):
+               remat_policy: str = 'none', attention: str = 'auto', rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, ('vocab', 'embed'), **kw)
-    self.decoder = DecoderStack(cfg, remat_policy=remat_policy, **kw)
+    self.decoder = DecoderStack(cfg, remat_policy=remat_policy, attention=attention, **kw)
     self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ('embed', 'vocab'), **kw)
 
   def __call__(self, input_ids, positions=None, segment_ids=None):

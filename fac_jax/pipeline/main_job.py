@@ -3,13 +3,17 @@ BPE and speech tokenizer, log-mel, codes) -> a text base model M_0 taught the co
 (our stand-in for a pretrained LLM) -> pre-alignment -> Core-Cocktail stage 1 -> merge with M_0 ->
 stage 2 -> multi-task DPO -> evaluation of every stage -> a report.
 
-  python -m fac_jax.pipeline --config=configs/tiny.py --workdir=DIR [--smoke]
+  python -m fac_jax.pipeline --config=configs/tiny.py [--workdir=DIR] [--smoke]
+      [--on_mismatch=redo|refuse]
 
 DIR/corpus, DIR/prepared, DIR/<stage>/ (trainer workdirs; cocktail/ holds stage1, merged, stage2),
-DIR/merge_sweep/, DIR/eval/<model>.json, DIR/samples/*.wav, DIR/report.md and DIR/*.png. A rerun
+DIR/merge_sweep/, DIR/eval/<model>.json, DIR/samples/*.wav, DIR/report.md, DIR/results.json (for
+fac_jax.pipeline.reports) and DIR/*.png. A rerun
 continues where the last one stopped: finished parts are skipped, an interrupted training stage
-resumes from its latest checkpoint, an evaluated model is not evaluated again. Stage sizes and
-steps: config.pipeline.
+resumes from its latest checkpoint, an evaluated model is not evaluated again. Every part records
+the fingerprint of the settings and inputs it was made from: a part made otherwise (another model
+config, a changed corpus, a retrained stage before it) is made again, saying what differs, or
+with --on_mismatch=refuse stops there. Stage sizes and steps: config.pipeline.
 """
 
 import copy
@@ -18,20 +22,22 @@ import os
 import shutil
 import time
 
-from absl import app, flags, logging
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 import soundfile as sf
 from ml_collections import config_flags
 
-from fac_jax import files, sharding
+from fac_jax import cli, files, fingerprint, sharding
 from fac_jax.checkpoints import text_tokenizer, whisper
 from fac_jax.data import input_pipeline as data_pipeline, prepare, synth
 from fac_jax.evaluation import asr_judge, spoken_eval
 from fac_jax.merging import cocktail, merge_study
+from fac_jax.pipeline import reports
 from fac_jax.speech import speech_tokenizer
 from fac_jax.train import dpo, trainer
+
 # Models evaluated, in training order: name -> path of its checkpoint under the workdir.
 MODELS = {'M_0': 'base/final', 'prealign': 'prealign/final', 'stage1': 'cocktail/stage1/final',
           'merged': 'cocktail/merged', 'stage2': 'cocktail/stage2/final', 'dpo': 'dpo/final'}
@@ -52,26 +58,29 @@ def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 class Progress:
   """Numbered stage headers with the time since the job started; the seconds each stage took,
-  summed over every invocation (a resumed stage adds its remainder), kept in DIR/timings.json."""
+  summed over every invocation (a resumed stage adds its remainder), kept in DIR/timings.json
+  with the fingerprint of the stage's settings: a stage made with other settings counts anew."""
 
   def __init__(self, total: int, workdir: str):
     self.total, self.done, self.start = total, 0, time.time()
     self.path = os.path.join(workdir, 'timings.json')
-    self.seconds = {}
+    self.stages = {}  # what -> {'seconds', 'fingerprint'}
     if os.path.exists(self.path):
       with open(self.path) as f:
-        self.seconds = json.load(f)
+        self.stages = json.load(f)
     self.current, self.current_start = None, None
 
   def _close(self) -> None:
     if self.current is not None:
-      self.seconds[self.current] = (self.seconds.get(self.current, 0.0)
-                                    + time.time() - self.current_start)
-      files.write_atomically(self.path, json.dumps(self.seconds, indent=1))
+      self.stages[self.current]['seconds'] += time.time() - self.current_start
+      files.write_atomically(self.path, json.dumps(self.stages, indent=1))
 
-  def stage(self, what: str) -> None:
+  def stage(self, what: str, settings: dict) -> None:
     self._close()
     self.done += 1
+    made = fingerprint.digest(settings)
+    if not isinstance(self.stages.get(what), dict) or self.stages[what]['fingerprint'] != made:
+      self.stages[what] = {'seconds': 0.0, 'fingerprint': made}
     self.current, self.current_start = what, time.time()
     print(f'\n[{self.done}/{self.total}  {time.time() - self.start:,.0f} s] {what}', flush=True)
 
@@ -79,7 +88,7 @@ class Progress:
     """Closes the last stage; the total seconds of every stage over all invocations."""
     self._close()
     self.current = None
-    return sum(self.seconds.values())
+    return sum(entry['seconds'] for entry in self.stages.values() if isinstance(entry, dict))
 
 
 def pipeline_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -107,13 +116,10 @@ def stage_config(cfg: ml_collections.ConfigDict, name: str, data_dir: str, train
   return stage
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  final = os.path.join(workdir, 'final')
-  if not os.path.exists(final):
-    trainer.Trainer(cfg, workdir).run()
-  if not os.path.exists(final):
-    raise SystemExit(f'{workdir} stopped before its last step; rerun to resume')
-  return final
+def corpus_settings(cfg: ml_collections.ConfigDict) -> dict:
+  """What the synthesised corpus depends on."""
+  return {'seed': cfg.seed, **{k: cfg.pipeline[k] for k in (
+      'num_train', 'num_eval', 'num_pref_train', 'num_pref_eval', 'piper')}}
 
 
 def make_corpus(cfg: ml_collections.ConfigDict, workdir: str) -> str:
@@ -125,57 +131,63 @@ def make_corpus(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return corpus
 
 
-def prepare_data(cfg: ml_collections.ConfigDict, workdir: str, corpus: str) -> str:
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: str, corpus: str,
+                 on_mismatch: str) -> str:
   data_dir = os.path.join(workdir, 'prepared')
   report = prepare.prepare(data_dir, {split: os.path.join(corpus, f'{name}.jsonl')
                                       for split, name in PREPARED_SPLITS.items()}, cfg.model,
-                           max_audio_seconds=cfg.data.max_audio_seconds)
+                           max_audio_seconds=cfg.data.max_audio_seconds, on_mismatch=on_mismatch)
   print('prepared: ' + ', '.join(f'{split} {entry["kept"]} kept / {entry["skipped"]} skipped'
                                  for split, entry in report['splits'].items()), flush=True)
   return data_dir
 
 
-def train_all(cfg: ml_collections.ConfigDict, workdir: str, data_dir: str,
-              progress: Progress) -> dict[str, str]:
-  """Every training stage and the merge; {model name: checkpoint}."""
+def train_all(cfg: ml_collections.ConfigDict, workdir: str, data_dir: str, progress: Progress,
+              on_mismatch: str) -> dict[str, str]:
+  """Every training stage and the merge, each reused where it was made with the same settings
+  and inputs; {model name: checkpoint}."""
   path = lambda name: os.path.join(workdir, MODELS[name])
-  progress.stage('text base model M_0 on the facts in text')
   base_cfg = stage_config(cfg, 'base', data_dir, 'facts', 'facts')
   base_cfg.data.num_windows = 0  # the facts are text: no mel windows, so no encoder in the step
-  _train(base_cfg, os.path.join(workdir, 'base'))
-  progress.stage('pre-alignment from M_0 (LLM frozen)')
-  _train(stage_config(cfg, 'prealign', data_dir, 'train', 'validation', path('M_0')),
-         os.path.join(workdir, 'prealign'))
-  progress.stage('Core-Cocktail: stage 1, merge with M_0, stage 2')
+  progress.stage('text base model M_0 on the facts in text', trainer.final_settings(base_cfg))
+  trainer.train_to_final(base_cfg, os.path.join(workdir, 'base'), on_mismatch)
+  prealign_cfg = stage_config(cfg, 'prealign', data_dir, 'train', 'validation', path('M_0'))
+  progress.stage('pre-alignment from M_0 (LLM frozen)', trainer.final_settings(prealign_cfg))
+  trainer.train_to_final(prealign_cfg, os.path.join(workdir, 'prealign'), on_mismatch)
   cocktail_cfg = stage_config(cfg, 'stage1', data_dir, 'train', 'validation', path('prealign'))
   cocktail_cfg.cocktail.update(base_checkpoint=path('M_0'),
                                stage2=copy.deepcopy(cfg.pipeline.stages.stage2))
-  cocktail.run_cocktail(cocktail_cfg, os.path.join(workdir, 'cocktail'))
-  progress.stage('multi-task DPO against stage 2')
-  _train(stage_config(cfg, 'dpo', data_dir, 'prefs_train', 'prefs_validation', path('stage2')),
-         os.path.join(workdir, 'dpo'))
+  progress.stage('Core-Cocktail: stage 1, merge with M_0, stage 2',
+                 {'stage1': trainer.final_settings(cocktail_cfg),
+                  'cocktail': cocktail_cfg.cocktail})
+  cocktail.run_cocktail(cocktail_cfg, os.path.join(workdir, 'cocktail'), on_mismatch)
+  dpo_cfg = stage_config(cfg, 'dpo', data_dir, 'prefs_train', 'prefs_validation', path('stage2'))
+  progress.stage('multi-task DPO against stage 2', trainer.final_settings(dpo_cfg))
+  trainer.train_to_final(dpo_cfg, os.path.join(workdir, 'dpo'), on_mismatch)
   return {name: path(name) for name in MODELS}
 
 
 def merge_sweep(cfg: ml_collections.ConfigDict, workdir: str, data_dir: str,
-                models: dict[str, str]) -> list[dict]:
+                models: dict[str, str], on_mismatch: str) -> list[dict]:
   """What the merge buys: M_0 and stage 1 merged at each alpha, text knowledge against the speech
   task (merge_study)."""
   out = os.path.join(workdir, 'merge_sweep')
   rows = merge_study.sweep(cfg, base=models['M_0'], finetuned=models['stage1'], workdir=out,
                            knowledge_data=f'{data_dir}@facts', task_data=f'{data_dir}@validation',
                            alphas=list(cfg.pipeline.merge_alphas), methods=['linear'],
-                           include=cfg.cocktail.include, eval_batches=4)
+                           include=cfg.cocktail.include, eval_batches=4, on_mismatch=on_mismatch)
   merge_study.write_reports(rows, out)
   return rows
 
 
 class ModelEvaluator:
-  """Every held-out metric of one checkpoint; results cached in DIR/eval/<model>.json."""
+  """Every held-out metric of one checkpoint; results cached in DIR/eval/<model>.json with the
+  settings they were measured with (a cache measured otherwise is measured again or refused)."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, data_dir: str,
-               reference: str):
+               reference: str, on_mismatch: str):
     self.cfg, self.workdir, self.data_dir = copy.deepcopy(cfg), workdir, data_dir
+    self.on_mismatch = on_mismatch
     self.cfg.data.dir = data_dir
     # Preference pairs are batched as the DPO stage batches them.
     self.preference_cfg = stage_config(cfg, 'dpo', data_dir, 'prefs_train', 'prefs_validation')
@@ -214,11 +226,25 @@ class ModelEvaluator:
     return {f'preference/{k}': result[k] for k in (
         'accuracy', 'margin', 'text_likelihood_accuracy', 'speech_likelihood_accuracy')}
 
+  def settings(self, ckpt: str) -> dict:
+    """What the evaluation of checkpoint `ckpt` depends on."""
+    batch_fields = lambda cfg: {k: cfg.data[k] for k in ('batch_size', 'seq_len', 'num_windows')}
+    return {'config': {'model': self.cfg.model, 'dpo': self.cfg.dpo, 'data': batch_fields(self.cfg),
+                       'preference_data': batch_fields(self.preference_cfg),
+                       'pipeline': {k: self.cfg.pipeline[k]
+                                    for k in ('eval_questions', 'max_new_tokens')}},
+            'inputs': {'checkpoint': fingerprint.of_folder(ckpt),
+                       'reference': fingerprint.of_folder(self.reference),
+                       **{split: prepare.split_fingerprint(self.data_dir, split)
+                          for split in ('validation', 'prefs_validation', 'facts')}}}
+
   def __call__(self, name: str, ckpt: str) -> dict:
-    cached = os.path.join(self.workdir, 'eval', f'{name}.json')
+    cached, made = os.path.join(self.workdir, 'eval', f'{name}.json'), self.settings(ckpt)
     if os.path.exists(cached):
       with open(cached) as f:
-        return json.load(f)
+        result = json.load(f)
+      if fingerprint.reuse(result.pop('made_from', None), made, self.on_mismatch, cached):
+        return result
     start = time.time()
     graphdef, params = spoken_eval.load_model(ckpt, self.cfg)
     answers = spoken_eval.answer(graphdef, params, self.cfg, self.questions,
@@ -233,7 +259,8 @@ class ModelEvaluator:
     result['seconds'] = round(time.time() - start, 1)
     result['codes'] = [a['codes'].tolist() for a in answers]
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    files.write_atomically(cached, json.dumps(result, indent=1))
+    files.write_atomically(cached, json.dumps({'made_from': fingerprint.plain(made), **result},
+                                              indent=1))
     print(f'{name}: ' + '  '.join(f'{k} {v:.3f}' for k, v in result['metrics'].items()
                                   if k.split('/')[-1] in ('accuracy', 'wer', 'speech_accuracy')),
           flush=True)
@@ -358,47 +385,67 @@ def write_report(workdir: str, results: dict[str, dict], baseline: dict, samples
   return report
 
 
-def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs or resumes every part; returns {'results': per model, 'baseline', 'report'}."""
+def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str, on_mismatch: str = 'redo') -> dict:
+  """Runs or resumes every part, remaking ('redo') or refusing what was made with other settings
+  or inputs; returns {'results': per model, 'baseline', 'report'}."""
   os.makedirs(workdir, exist_ok=True)
   cfg = pipeline_model(cfg)
   progress = Progress(7, workdir)
-  progress.stage('synthesising the demo corpus')
+  progress.stage('synthesising the demo corpus', corpus_settings(cfg))
   corpus = make_corpus(cfg, workdir)
-  progress.stage('preparing it: tokenizers, log-mel, speech codes')
-  data_dir = prepare_data(cfg, workdir, corpus)
+  progress.stage('preparing it: tokenizers, log-mel, speech codes',
+                 {'corpus': corpus_settings(cfg), 'model': cfg.model,
+                  'max_audio_seconds': cfg.data.max_audio_seconds})
+  data_dir = prepare_data(cfg, workdir, corpus, on_mismatch)
   cfg.data.dir = data_dir
-  models = train_all(cfg, workdir, data_dir, progress)
-  progress.stage('merge sweep and held-out evaluation of every model')
-  merge_sweep(cfg, workdir, data_dir, models)
-  evaluator = ModelEvaluator(cfg, workdir, data_dir, reference=models['stage2'])
+  models = train_all(cfg, workdir, data_dir, progress, on_mismatch)
+  progress.stage('merge sweep and held-out evaluation of every model',
+                 {'models': {name: fingerprint.of_folder(path) for name, path in models.items()},
+                  'pipeline': cfg.pipeline, 'model': cfg.model})
+  merge_rows = merge_sweep(cfg, workdir, data_dir, models, on_mismatch)
+  evaluator = ModelEvaluator(cfg, workdir, data_dir, models['stage2'], on_mismatch)
   results = {name: evaluator(name, ckpt) for name, ckpt in models.items()}
   samples = write_samples(evaluator, results['dpo'], workdir, cfg.pipeline.samples)
-  report = write_report(workdir, results, evaluator.baseline, samples, progress.finish())
+  seconds = progress.finish()
+  report = write_report(workdir, results, evaluator.baseline, samples, seconds)
+  reports.write_results(workdir, {
+      'columns': REPORT_COLUMNS, 'baseline': evaluator.baseline, 'merge_sweep': merge_rows,
+      'models': {name: result['metrics'] for name, result in results.items()}},
+      started=progress.start, compute_seconds=seconds)
   print('\n' + report, flush=True)
   return {'results': results, 'baseline': evaluator.baseline, 'report': report}
 
 
+def default_workdir(smoke_run: bool) -> str:
+  """--workdir when none is given: a smoke run has its own, so that it never meets a full one."""
+  return '/tmp/fac_jax_pipeline_smoke' if smoke_run else '/tmp/fac_jax_pipeline'
+
+
 def _define_flags() -> None:
   config_flags.DEFINE_config_file(
-      'config', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             'configs', 'tiny.py'), 'Experiment config file.')
-  flags.DEFINE_string('workdir', '/tmp/fac_jax_pipeline', 'Where every output goes.')
+      'config', os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__)))), 'configs', 'tiny.py'), 'Experiment config file.')
+  flags.DEFINE_string('workdir', None, 'Where every output goes (default: '
+                      f'{default_workdir(False)}, with --smoke {default_workdir(True)}).')
   flags.DEFINE_bool('smoke', False, 'A few minutes\' run with a few steps a stage (see smoke).')
+  flags.DEFINE_enum('on_mismatch', 'redo', fingerprint.ON_MISMATCH, 'A part made with other '
+                    'settings or inputs (e.g. another model config): make it again, or refuse.')
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every checkpoint read and write
-    logging.set_verbosity(logging.WARNING)
-  cfg = flags.FLAGS.config
-  run_pipeline(smoke(cfg) if flags.FLAGS.smoke else cfg, flags.FLAGS.workdir)
+  FLAGS = flags.FLAGS
+  try:
+    run_pipeline(smoke(FLAGS.config) if FLAGS.smoke else FLAGS.config,
+                 FLAGS.workdir or default_workdir(FLAGS.smoke), FLAGS.on_mismatch)
+  except (trainer.TrainingError, ValueError) as e:  # refusals: settings, data, config
+    raise SystemExit(f'error: {e}') from None
 
 
 def run():
   """Console-script entry point."""
   _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -282,14 +282,26 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
                              hbm_gib=chip.hbm_gib / cores, hbm_gbps=chip.hbm_gbps / cores,
                              ici_gbps=chip.ici_gbps / cores)
   start = time.time()
-  built = builders[program]()
-  compiled = built['jitted'].lower(*built['args']).compile()
+  with jax.set_mesh(mesh):  # as the trainer runs it: activation sharding constraints apply
+    built = builders[program]()
+    try:
+      compiled, refusal = built['jitted'].lower(*built['args']).compile(), None
+    except jax.errors.JaxRuntimeError as e:
+      # The TPU compiler refuses a program whose temporaries alone exceed HBM, saying how much.
+      needed = re.search(r'HLO temporaries \(([\d.]+)G\) exceeds available HBM', str(e))
+      if not needed:
+        raise
+      compiled, refusal = None, str(e).splitlines()[0]
   compile_s = time.time() - start
-  stats = compiled.memory_analysis()
-  memory = {'arguments': stats.argument_size_in_bytes,
-            'outputs': stats.output_size_in_bytes - stats.alias_size_in_bytes,
-            'temporaries': stats.temp_size_in_bytes,
-            'code': stats.generated_code_size_in_bytes}
+  if compiled is not None:
+    stats = compiled.memory_analysis()
+    memory = {'arguments': stats.argument_size_in_bytes,
+              'outputs': stats.output_size_in_bytes - stats.alias_size_in_bytes,
+              'temporaries': stats.temp_size_in_bytes,
+              'code': stats.generated_code_size_in_bytes}
+  else:  # arguments as placed; temporaries as the compiler's refusal states them
+    memory = {'arguments': sum(built['kinds'].values()), 'outputs': 0,
+              'temporaries': int(float(needed.group(1)) * GIB), 'code': 0}
   total = sum(memory.values())
   hbm = chip.hbm_gib * GIB
   data_shards = mesh.shape['data'] * mesh.shape['fsdp']
@@ -304,7 +316,8 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
       'arguments_by_kind_bytes': built['kinds'],
       'hbm_bytes': hbm, 'fits': total <= hbm, 'headroom_bytes': hbm - total,
       'hbm_share': total / hbm, 'compile_seconds': compile_s,
-      'collectives': collectives(compiled.as_text()),
+      'compiler_refused': refusal,
+      'collectives': collectives(compiled.as_text()) if compiled is not None else None,
       'model_flops_per_step': built['model_flops'],
       'roofline_estimate': roofline(built, memory, chip, len(devices), program),
       'device_spec': dataclasses.asdict(chip),
@@ -332,9 +345,12 @@ def format_report(report: dict) -> str:
   lines.append(f"  {'fits' if report['fits'] else 'DOES NOT FIT'} in {gib(report['hbm_bytes'])}"
                f" of HBM: {100 * report['hbm_share']:.1f} %, headroom "
                f"{gib(report['headroom_bytes'])}")
-  lines.append('collectives in the optimised HLO (ops, result bytes; loop bodies once):')
-  lines += [f'  {name:<18} {c["count"]:>4}  {gib(c["bytes"])}'
-            for name, c in report['collectives'].items()]
+  if report['compiler_refused']:
+    lines.append(f"  the TPU compiler refused it: {report['compiler_refused']}")
+  else:
+    lines.append('collectives in the optimised HLO (ops, result bytes; loop bodies once):')
+    lines += [f'  {name:<18} {c["count"]:>4}  {gib(c["bytes"])}'
+              for name, c in report['collectives'].items()]
   lines.append(f"analytic model FLOPs a step: {report['model_flops_per_step']:.3e}")
   lines.append(f"roofline ESTIMATE: compute {roof['compute_s'] * 1e3:.1f} ms, HBM "
                f"{roof['hbm_s'] * 1e3:.1f} ms, ICI {roof['ici_s'] * 1e3:.1f} ms -> step "

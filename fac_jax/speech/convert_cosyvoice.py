@@ -35,6 +35,7 @@ from flax import nnx
 import numpy as np
 
 from fac_jax.speech import detokenizer, flow as flow_lib, hift as hift_lib, weights
+
 FLOW_NOISE_SEED = 0
 
 # fac_jax module path -> CosyVoice state-dict name; the leaves map kernel -> weight, bias -> bias.

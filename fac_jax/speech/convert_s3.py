@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from fac_jax.speech import s3tokenizer, weights
+
 # Node name -> parameter. 'input' names the node input holding the tensor; 'stored' takes the one
 # stored input of more than one element (LayerNorm's eps Add has a scalar one; a bias Add may
 # hold the bias on either side).

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fac_jax.speech import flow, hift, s3tokenizer, speech_tokenizer
+
 SPEAKER_FILE = 'speaker.json'
 DEFAULT_SPEAKER = '中文女'  # the voice of Fun-Audio-Chat's utils/new_spk2info.pt it speaks with
 SEGMENT_TOKENS = 750  # 30 s of codes: Fun-Audio-Chat decodes long answers in such segments

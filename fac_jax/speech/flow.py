@@ -26,6 +26,7 @@ from flax import nnx
 
 from fac_jax.model import layers
 from fac_jax.speech import weights
+
 MEL_DIM = 80  # the reference solver and its noise table hard-code 80 channels
 TIME_FREQ_DIM = 256
 POSITION_KERNEL, POSITION_GROUPS = 31, 16

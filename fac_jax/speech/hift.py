@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from fac_jax.speech import weights
+
 HIGHEST = jax.lax.Precision.HIGHEST
 F0_LOOKAHEAD = 3  # the F0 predictor's first conv (kernel 4) reads 3 frames ahead
 SNAKE_EPS = 1e-9

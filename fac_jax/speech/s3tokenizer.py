@@ -23,6 +23,7 @@ from flax import nnx
 from fac_jax import audio
 from fac_jax.model import layers
 from fac_jax.speech import weights
+
 HEAD_DIM = 64  # the reference hard-wires its rotary table to 64-wide heads
 ROPE_THETA = 10000.0
 FSMN_TAPS = 31

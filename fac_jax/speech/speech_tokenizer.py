@@ -9,6 +9,7 @@ import librosa
 import numpy as np
 
 from fac_jax import audio
+
 FRAME_RATE = 25
 FRAMES_PER_CODE = 4  # log-mel frames (100 Hz) per code (25 Hz)
 FORMAT_VERSION = 1

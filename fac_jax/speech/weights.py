@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from fac_jax.checkpoints import safetensors_io
+
 CONFIG_NAME = 'config.json'
 Config = TypeVar('Config')
 

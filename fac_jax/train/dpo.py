@@ -43,20 +43,14 @@ from fac_jax import batch as batch_lib
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import input_pipeline, preference
 from fac_jax.train import held_out, optim, steps
+
 CHANNELS = ('text', 'speech')
 
 
-def sequence_logps(outputs: dict, batch: dict) -> dict:
-  """{'text': (B,), 'speech': (B,)}: each row's summed log-probability of its valid targets."""
-  rows = batch['text_targets'].shape[0]
-  targets = {'text': batch['text_targets'], 'speech': batch['speech_targets'].reshape(rows, -1)}
-  logps = {}
-  for channel in CHANNELS:
-    valid = targets[channel] != IGNORE_ID
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        outputs[f'{channel}_logits'].astype(jnp.float32), jnp.where(valid, targets[channel], 0))
-    logps[channel] = -jnp.where(valid, nll, 0.0).sum(axis=-1)
-  return logps
+def sequence_logps(per_target: dict) -> dict:
+  """{'text': (B,), 'speech': (B,)}: each row's summed log-probability of its valid targets, from
+  both channels' per-target (nll, hits) (fun_audio_chat.target_nll's)."""
+  return {channel: -per_target[channel][0].sum(axis=-1) for channel in CHANNELS}
 
 
 def target_counts(batch: dict) -> dict:
@@ -74,7 +68,7 @@ def answer_logps(graphdef: nnx.GraphDef, params: dict, batch: dict) -> dict:
   reference log-probabilities (batch['reference_logps'])."""
   both = jax.tree.map(lambda c, r: jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:]),
                       batch['chosen'], batch['rejected'])
-  logps = sequence_logps(nnx.merge(graphdef, params)(both), both)
+  logps = sequence_logps(nnx.merge(graphdef, params).target_nll(both))
   return {f'{answer}_{channel}': logps[channel].reshape(-1, 2)[:, k]
           for k, answer in enumerate(preference.ANSWER_FIELDS) for channel in CHANNELS}
 

@@ -9,6 +9,7 @@ import ml_collections
 from fac_jax.batch import IGNORE_ID
 from fac_jax.data import input_pipeline
 from fac_jax.train import steps
+
 METRICS = ('loss', 'text_loss', 'speech_loss', 'text_accuracy', 'speech_accuracy')
 
 

@@ -11,8 +11,12 @@ import optax
 from fac_jax import batch as batch_lib, sharding
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import optim
+
+
 def loss_fn(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, dict]:
-  metrics = fun_audio_chat.compute_losses(nnx.merge(graphdef, params)(batch), batch)
+  """The loss and metrics of fun_audio_chat.losses, the logits chunked as the model's
+  loss_chunk_positions says."""
+  metrics = fun_audio_chat.losses(nnx.merge(graphdef, params).target_nll(batch), batch)
   return metrics['loss'], metrics
 
 
@@ -28,7 +32,7 @@ def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_mi
 
   def weighted_loss(params, micro):
     params = optim.stop_frozen_gradients(params, frozen)
-    metrics = fun_audio_chat.compute_losses(nnx.merge(graphdef, params)(micro), micro)
+    metrics = loss_fn(graphdef, params, micro)[1]
     text_share = (micro['text_targets'] != batch_lib.IGNORE_ID).sum() / text_total
     speech_share = (micro['speech_targets'] != batch_lib.IGNORE_ID).sum() / speech_total
     weighted = {name: value * (text_share if name.startswith('text') else speech_share)

@@ -1,21 +1,28 @@
 """The trainer: one command for every stage (prealign, stage1, stage2, dpo) on any device mesh, with
 orbax checkpoints, exact resumption, evaluation and logs; the same command on every host.
 
-  python -m fac_jax.train.trainer --config=configs/tiny.py:prealign --workdir=DIR [--config.data.dir=...]
-      [--config.train.init_checkpoint=CKPT] [--multihost [--coordinator_address=host:port
-       --num_processes=N --process_id=I]]
+  python -m fac_jax.train.trainer --config=configs/tiny.py:prealign --workdir=DIR
+      [--config.data.dir=...] [--config.train.init_checkpoint=CKPT] [--on_mismatch=refuse|redo]
+      [--multihost [--coordinator_address=host:port --num_processes=N --process_id=I]]
 
 DIR/checkpoints/<step>/   orbax steps: parameters, optimizer state, grain iterator state, progress
-DIR/final/                the last parameters as a fac_jax checkpoint (init_checkpoint of a stage)
+DIR/final/                the last parameters as a fac_jax checkpoint (init_checkpoint of a stage),
+                          with what `python -m fac_jax.inference.chat` needs (chat_assets)
 DIR/metrics.jsonl         train and eval metrics by step; DIR/tensorboard/ the same as events
 DIR/loss_curves.png       train and eval losses at the end
-A rerun with the same DIR resumes from the latest checkpoint (model, optimizer and data position);
-SIGTERM saves a checkpoint at the next step boundary and exits.
+DIR/fingerprint.json      what the checkpoints were made from (`settings`); final/ has its own
+DIR/profile/              a jax.profiler trace of train.profile_steps, for TensorBoard
+A rerun with the same DIR resumes from the latest checkpoint (model, optimizer and data position),
+one with more train.steps continues to them and replaces final/; checkpoints made with other
+settings are refused, naming them, or with --on_mismatch=redo deleted and trained anew. The
+prepared data's properties are checked against the config before the first step. SIGTERM saves a
+checkpoint at the next step boundary and exits.
 """
 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -25,14 +32,17 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from fac_jax import sharding
+from fac_jax import cli, fingerprint, sharding
 from fac_jax.checkpoints import checkpoint, whisper
-from fac_jax.data import input_pipeline
+from fac_jax.data import input_pipeline, prepare
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import dpo, held_out, optim, steps
+
+
 class TrainingError(RuntimeError):
   """Training cannot go on (the message says why)."""
 
@@ -49,6 +59,34 @@ class TrainState:
   skipped_in_row: int = 0
 
 
+def _metrics_entry(line: str) -> dict | None:
+  try:
+    entry = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return entry if isinstance(entry, dict) and isinstance(entry.get('step'), int) else None
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The entries of a metrics.jsonl. A torn last line (the run died while writing it) is left
+  out; any other line that is no entry raises TrainingError naming it."""
+  with open(path, encoding='utf-8') as f:
+    *lines, last = f.read().split('\n')  # `last` is '' unless the last line was cut
+  entries = []
+  for number, line in enumerate(lines, start=1):
+    entry = _metrics_entry(line)
+    if entry is None:
+      raise TrainingError(f'{path}:{number}: not a metrics entry (a JSON object with a "step"); '
+                          'remove the line to resume')
+    entries.append(entry)
+  torn = last and _metrics_entry(last)
+  if torn:
+    entries.append(torn)  # complete, only its newline missing
+  elif last:
+    logging.warning('%s:%d: left out a torn last line', path, len(lines) + 1)
+  return entries
+
+
 class MetricsLog:
   """metrics.jsonl and TensorBoard events, written by process 0 only; entries past a restored step
   (from a run that died after its last checkpoint) are dropped."""
@@ -57,8 +95,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.entries = []
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.entries = [e for e in map(json.loads, f) if e['step'] <= resume_step]
+      self.entries = [e for e in read_metrics(self.path) if e['step'] <= resume_step]
     self.writer = None
     if is_main_process():
       with open(self.path, 'w') as f:
@@ -101,6 +138,92 @@ class MetricsLog:
       self.writer.close()
 
 
+class StepProfiler:
+  """A jax.profiler trace of train.profile_steps = (first, count): steps first to
+  first + count - 1, numbered as logged, in DIR/profile for TensorBoard's profile tab (each
+  process traces its own host). A run resumed inside those steps traces the rest of them."""
+
+  def __init__(self, workdir: str, profile_steps: tuple[int, int]):
+    first, count = profile_steps
+    if count < 0 or (count and first < 1):
+      raise ValueError(f'train.profile_steps={tuple(profile_steps)}: expected (first step, '
+                       'count) with steps numbered from 1 and count >= 0')
+    self.steps = range(first, first + count)
+    self.path = os.path.join(workdir, 'profile')
+    self.tracing = False
+
+  def before_step(self, step: int) -> None:
+    if step in self.steps and not self.tracing:
+      jax.profiler.start_trace(self.path)
+      self.tracing = True
+
+  def after_step(self, step: int) -> None:
+    """Once step `step`'s results are on the host."""
+    if step + 1 not in self.steps:
+      self.stop()
+
+  def stop(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
+def chat_assets(cfg: ml_collections.ConfigDict) -> checkpoint.ChatAssets:
+  """The data's text and speech tokenizers and the tasks of the training split, then those of
+  train.init_checkpoint that the split lacks (a stage keeps its lineage's system prompts)."""
+  assets = prepare.chat_assets(cfg.data.dir, cfg.data.train_split)
+  init = cfg.train.init_checkpoint
+  inherited = checkpoint.chat_settings(init).get('tasks', {}) if init else {}
+  return dataclasses.replace(assets, tasks={**assets.tasks, **{
+      name: task for name, task in inherited.items() if name not in assets.tasks}})
+
+
+# Trainer settings that change neither the parameters nor the updates that lead to them; `steps`
+# counts in final/'s fingerprint only, so that a run with more steps continues the same run.
+UNTRACKED = ('steps', 'run_steps', 'log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+             'keep_checkpoints', 'best_metric', 'async_checkpointing', 'max_skipped_in_row',
+             'init_checkpoint', 'profile_steps')
+TRACKED_DATA = ('train_split', 'batch_size', 'seq_len', 'num_windows')
+RUN_OUTPUTS = ('checkpoints', 'final', 'metrics.jsonl', 'tensorboard', 'loss_curves.png',
+               'profile')
+
+
+def settings(cfg: ml_collections.ConfigDict) -> dict:
+  """What a run's checkpoints depend on: the model, batch and update settings, and the
+  fingerprints of its training split and of the checkpoints it starts from (and, for DPO,
+  compares with)."""
+  config = {'model': cfg.model, 'seed': cfg.seed,
+            'train': {k: v for k, v in cfg.train.items() if k not in UNTRACKED},
+            'data': {k: cfg.data[k] for k in TRACKED_DATA}}
+  inputs = {'data': prepare.split_fingerprint(cfg.data.dir, cfg.data.train_split)}
+  if cfg.train.init_checkpoint:
+    inputs['init_checkpoint'] = fingerprint.of_folder(cfg.train.init_checkpoint)
+  if cfg.train.stage == 'dpo':
+    config['dpo'] = {k: v for k, v in cfg.dpo.items() if k != 'reference_checkpoint'}
+    inputs['reference'] = fingerprint.of_folder(cfg.dpo.reference_checkpoint
+                                                or cfg.train.init_checkpoint)
+  return {'config': config, 'inputs': inputs}
+
+
+def final_settings(cfg: ml_collections.ConfigDict) -> dict:
+  """What final/ depends on: the run's settings and its number of steps."""
+  made = settings(cfg)
+  made['config']['train']['steps'] = cfg.train.steps
+  return made
+
+
+def train_to_final(cfg: ml_collections.ConfigDict, workdir: str, on_mismatch: str) -> str:
+  """`workdir`/final made with cfg's settings: reused when it is, else trained (a run with more
+  steps than before continues it; one with other settings is redone or refused)."""
+  final = os.path.join(workdir, 'final')
+  made = final_settings(cfg)
+  if fingerprint.differences(fingerprint.read(os.path.join(final, fingerprint.FILE)), made):
+    Trainer(cfg, workdir, on_mismatch).run()
+  if fingerprint.differences(fingerprint.read(os.path.join(final, fingerprint.FILE)), made):
+    raise SystemExit(f'{workdir} stopped before its last step; rerun to resume')
+  return final
+
+
 def checkpoint_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """Keeps the last `keep_checkpoints` steps and the best by `best_metric` (lower is better for
   losses); saves are asynchronous and committed atomically (a temporary folder renamed)."""
@@ -120,8 +243,10 @@ def checkpoint_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.Ch
 class Trainer:
   """Holds what a stage needs: mesh, jitted steps, data iterators, checkpoints and logs."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, on_mismatch: str = 'refuse'):
     self.cfg, self.train, self.workdir = cfg, cfg.train, workdir
+    prepare.check_dataset(cfg.data.dir, cfg.model)
+    self._claim_workdir(on_mismatch)
     self.mesh = sharding.make_mesh(cfg.mesh)
     abstract = fun_audio_chat.abstract_model(cfg.model)
     self.graphdef, abstract_state = nnx.split(abstract)
@@ -134,8 +259,35 @@ class Trainer:
     self.is_dpo = self.train.stage == 'dpo'
     dataset = input_pipeline.dpo_dataset if self.is_dpo else input_pipeline.dataset
     self.train_data = iter(dataset(cfg, cfg.data.train_split))
+    self.chat_assets = chat_assets(cfg)
     self.manager = checkpoint_manager(workdir, self.train)
     self.stop_requested = False
+
+  def _claim_workdir(self, on_mismatch: str) -> None:
+    """Records the run's settings in DIR/fingerprint.json. Checkpoints made with other settings,
+    or past train.steps, are removed ('redo') or refused; a run with more steps continues."""
+    record = os.path.join(self.workdir, fingerprint.FILE)
+    run = settings(self.cfg)
+    checkpoints = os.path.join(self.workdir, 'checkpoints')
+    reached = max((int(name) for name in os.listdir(checkpoints) if name.isdigit()),
+                  default=0) if os.path.isdir(checkpoints) else 0
+    found = []
+    if reached or os.path.exists(os.path.join(self.workdir, 'final')):
+      found = fingerprint.differences(fingerprint.read(record), run)
+      if reached > self.train.steps:
+        found.append(f'config.train.steps: {reached} reached -> {self.train.steps}')
+    keep = fingerprint.decide(found, on_mismatch, self.workdir)
+    multihost_utils.sync_global_devices(f'workdir checked: {self.workdir}')
+    if is_main_process():
+      for name in () if keep else RUN_OUTPUTS:
+        path = os.path.join(self.workdir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
+      os.makedirs(self.workdir, exist_ok=True)
+      fingerprint.write(record, run)
+    multihost_utils.sync_global_devices(f'workdir claimed: {self.workdir}')
 
   def initial_state(self) -> TrainState:
     """Random (with a pretrained encoder where model.encoder.pretrained says) or
@@ -179,9 +331,14 @@ class Trainer:
         metrics=metrics, force=force)
 
   def run(self) -> TrainState:
+    with jax.set_mesh(self.mesh):  # activation sharding constraints apply only under a mesh
+      return self._run()
+
+  def _run(self) -> TrainState:
     train = self.train
     latest = self.manager.latest_step()
     state = self.restore(latest) if latest is not None else self.initial_state()
+    profiler = StepProfiler(self.workdir, train.profile_steps)
     log = MetricsLog(self.workdir, state.step)
     if latest is not None and is_main_process():
       print(f'resumed from step {latest} in {self.workdir}', flush=True)
@@ -192,9 +349,11 @@ class Trainer:
     last_eval, start, start_step, batch = None, time.time(), state.step, first
     try:
       while state.step < train.steps:
+        profiler.before_step(state.step + 1)
         state.params, state.opt_state, metrics = train_step(state.params, state.opt_state, batch)
         state.step += 1
         metrics = jax.device_get(metrics)
+        profiler.after_step(state.step)
         state.skipped_in_row = state.skipped_in_row + 1 if metrics['skipped'] else 0
         if state.skipped_in_row >= train.max_skipped_in_row:
           raise TrainingError(
@@ -202,7 +361,7 @@ class Trainer:
               f'step {state.step}); stopping. The parameters are those of the last finite step; '
               'lower the learning rate or check the data.')
         if state.step % train.log_every == 0 or state.step == train.steps:
-          log.add(state.step, 'train', metrics)
+          log.add(state.step, 'train', {**metrics, 'dropped': self.train_data.dropped})
           self._progress(state, metrics, batch, start, start_step)
         if state.step % train.eval_every == 0 or state.step == train.steps:
           last_eval = {f'eval/{k}': v for k, v in evaluate(state.params).items()}
@@ -226,7 +385,14 @@ class Trainer:
       log.plot(os.path.join(self.workdir, 'loss_curves.png'),
                ('loss', 'accuracy', 'margin') if self.is_dpo
                else ('loss', 'text_loss', 'speech_loss'))
+      if is_main_process():
+        print(f'finished at step {state.step} in {self.workdir}; '
+              f'{self.train_data.dropped} {"pairs" if self.is_dpo else "conversations"} read fit '
+              f'no row of data.seq_len={self.cfg.data.seq_len} positions and '
+              f'data.num_windows={self.cfg.data.num_windows} mel windows and were left out',
+              flush=True)
     finally:
+      profiler.stop()
       signal.signal(signal.SIGTERM, previous)
       log.close()
       self.manager.close()
@@ -265,10 +431,18 @@ class Trainer:
     return checkpoint.Reader(path, self.mesh).load(self.cfg.model.param_dtype)
 
   def export_final(self, state: TrainState) -> None:
+    """final/ with its fingerprint; one of an earlier, shorter run is replaced."""
     final = os.path.join(self.workdir, 'final')
+    record, made = os.path.join(final, fingerprint.FILE), final_settings(self.cfg)
     if os.path.exists(final):
-      return  # written by an earlier run that reached the same last step
-    checkpoint.save_params(final, self.cfg.model, state.params)
+      if not fingerprint.differences(fingerprint.read(record), made):
+        return  # written by an earlier run that reached the same last step
+      if is_main_process():
+        shutil.rmtree(final)
+      multihost_utils.sync_global_devices(f'stale final removed: {final}')
+    checkpoint.save_params(final, self.cfg.model, state.params, self.chat_assets)
+    if is_main_process():  # last: a final/ without it is remade
+      fingerprint.write(record, made)
 
   def _request_stop(self, signum, frame) -> None:
     del signum, frame
@@ -290,7 +464,8 @@ class Trainer:
     print(f'step {state.step}/{self.train.steps}  loss {metrics["loss"]:.4f} ({details})  '
           f'grad_norm {metrics["grad_norm"]:.3f}  {positions / per_step:,.0f} positions/s  '
           f'{per_step:.2f} s/step  ETA {eta:,.0f} s'
-          + (f'  skipped {state.skipped_in_row} in a row' if state.skipped_in_row else ''),
+          + (f'  skipped {state.skipped_in_row} in a row' if state.skipped_in_row else '')
+          + (f'  {self.train_data.dropped} fit no row' if self.train_data.dropped else ''),
           flush=True)
 
 
@@ -312,6 +487,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (default: detected).')
   flags.DEFINE_integer('num_processes', None, 'Processes in the job (default: detected).')
   flags.DEFINE_integer('process_id', None, 'This process, 0 the coordinator (default: detected).')
+  flags.DEFINE_enum('on_mismatch', 'refuse', fingerprint.ON_MISMATCH, 'Checkpoints in --workdir '
+                    'made with other settings: refuse them, or delete them and train anew.')
 
 
 def main(argv):
@@ -325,23 +502,24 @@ def main(argv):
   if not cfg.data.dir:
     raise app.UsageError('config.data.dir is empty: point it at a folder made by '
                          'python -m fac_jax.data.prepare')
-  os.makedirs(FLAGS.workdir, exist_ok=True)
   if is_main_process():
-    with open(os.path.join(FLAGS.workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json(indent=2))
     print(f'stage {cfg.train.stage}: {jax.device_count()} devices x '
           f'{jax.devices()[0].platform} in {jax.process_count()} process(es); mesh '
           f'{dict(cfg.mesh)}', flush=True)
   try:
-    Trainer(cfg, FLAGS.workdir).run()
-  except TrainingError as e:
+    trainer = Trainer(cfg, FLAGS.workdir, FLAGS.on_mismatch)
+    if is_main_process():  # once the workdir is this run's
+      with open(os.path.join(FLAGS.workdir, 'config.json'), 'w') as f:
+        f.write(cfg.to_json(indent=2))
+    trainer.run()
+  except (TrainingError, prepare.DatasetError, fingerprint.Mismatch) as e:
     raise SystemExit(f'error: {e}') from None
 
 
 def run():
   """Console-script entry point."""
   _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

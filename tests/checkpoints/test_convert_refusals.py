@@ -1,7 +1,12 @@
-"""The importer refuses a bad official folder before writing anything, naming what is wrong."""
+"""The importer refuses a bad official folder before writing anything, naming what is wrong; a
+failure while writing leaves nothing behind; the command says each in one line."""
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from fac_jax.checkpoints import checkpoint, convert
 import official_tiny
+import paths
 
 
 @pytest.fixture
@@ -104,3 +110,62 @@ def test_interrupted_import_leaves_nothing_that_looks_complete(tmp_path, monkeyp
   assert convert.import_checkpoint(official_tiny.DIR, str(out)) == str(out)  # a rerun starts clean
   assert not (tmp_path / 'ckpt.incomplete').exists()
   assert checkpoint.Reader(str(out)).load()['llm']['lm_head']['kernel'].shape == (64, 256)
+
+
+def convert_command(*args, program=('-m',)):
+  return subprocess.run([sys.executable, *program, 'fac_jax.checkpoints.convert', *args],
+                        capture_output=True, text=True, cwd=paths.REPO, timeout=300)
+
+
+def test_command_refuses_in_one_line(hf_dir, tmp_path):
+  config = json.loads((hf_dir / 'config.json').read_text())
+  config['model_type'] = 'qwen2_audio'
+  (hf_dir / 'config.json').write_text(json.dumps(config))
+  result = convert_command('import', f'--hf_dir={hf_dir}', f'--out={tmp_path / "ckpt"}',
+                           '--without_tokenizer')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: {hf_dir}/config.json: model_type is 'qwen2_audio'; expected 'funaudiochat'")
+
+
+def test_command_refuses_a_folder_without_tokenizer_files_unless_asked(tmp_path):
+  out = tmp_path / 'ckpt'
+  result = convert_command('import', f'--hf_dir={official_tiny.DIR}', f'--out={out}')
+  assert result.returncode != 0 and not out.exists()
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: {official_tiny.DIR} has no tokenizer files (tokenizer.json, or vocab.json with '
+      'merges.txt), which chat needs: copy them there, or pass --without_tokenizer to import the '
+      'weights alone')
+  result = convert_command('import', f'--hf_dir={official_tiny.DIR}', f'--out={out}',
+                           '--without_tokenizer')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert checkpoint.load_config(str(out)).llm.vocab_size == 256
+
+
+def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
+  out = tmp_path / 'ckpt'
+  calls = []
+
+  def failing_read_block(read, m, index, dtype=None):
+    calls.append(m.path)
+    if len(calls) == 20:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return original(read, m, index, dtype)
+
+  original = convert.official_layout.read_block
+  monkeypatch.setattr(convert.official_layout, 'read_block', failing_read_block)
+  with pytest.raises(OSError, match='No space left on device'):
+    convert.import_checkpoint(official_tiny.DIR, str(out))
+  assert not out.exists() and not (tmp_path / 'ckpt.incomplete').exists()
+
+
+def test_full_disk_is_the_last_line(tmp_path):
+  out = tmp_path / 'ckpt'
+  result = convert_command('import', f'--hf_dir={official_tiny.DIR}', f'--out={out}',
+                           '--without_tokenizer',
+                           program=(os.path.join(paths.TESTS, 'disk_full.py'),))
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: no space left on device writing {out}.incomplete/params/d/0; free some space and '
+      'run it again')
+  assert not out.exists() and not (tmp_path / 'ckpt.incomplete').exists()

@@ -16,6 +16,7 @@ from fac_jax.checkpoints import whisper
 from fac_jax.data import synth
 from fac_jax.evaluation import asr_judge
 from fac_jax.model import audio_encoder
+
 # Over one 30 s window, states of magnitude up to 13. CTranslate2 4.8.5 (float32, CPU) adds the
 # file's float16 copy of the position table, the encoder computes it in float32: 6.0e-3 measured.
 CT2_ATOL = 1e-2

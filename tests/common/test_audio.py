@@ -10,6 +10,8 @@ from transformers import WhisperFeatureExtractor
 
 from fac_jax import audio
 from fac_jax.data import synthetic
+
+
 @pytest.mark.parametrize('num_samples,num_mel_bins', [(32123, 128), (48000, 80), (1234, 128)])
 def test_log_mel_matches_whisper_feature_extractor(num_samples, num_mel_bins):
   rng = np.random.default_rng(num_samples)
@@ -53,3 +55,26 @@ def test_load_resamples_to_16k_mono_and_refuses_bad_files(tmp_path):
     assert str(bad) in str(error.value)
   with pytest.raises(audio.AudioError, match='is 3.0 s long; the limit is 2 s'):
     audio.load(str(long), max_seconds=2)
+
+
+def test_load_checks_the_header_before_decoding_and_says_why_it_refuses(tmp_path, monkeypatch):
+  import soundfile
+  rng = np.random.default_rng(1)
+  long, cut, corrupt = (tmp_path / n for n in ('long.wav', 'cut.wav', 'corrupt.wav'))
+  soundfile.write(long, rng.normal(size=16000 * 3).astype(np.float32) * 0.1, 16000)
+  soundfile.write(cut, rng.normal(size=16000).astype(np.float32) * 0.1, 16000)
+  cut.write_bytes(cut.read_bytes()[:16000])  # a copy interrupted half-way
+  corrupt.write_bytes(b'RIFF\x00\x00\x00\x00WAVEnot really')
+  with pytest.raises(audio.AudioError, match=r"corrupt.wav: .*No 'data' chunk"):
+    audio.load(str(corrupt))
+
+  def decode(*args, **kwargs):
+    raise AssertionError('decoded before the header was checked')
+
+  monkeypatch.setattr(audio.librosa, 'load', decode)
+  with pytest.raises(audio.AudioError, match='long.wav is 3.0 s long; the limit is 2 s'):
+    audio.load(str(long), max_seconds=2)
+  with pytest.raises(audio.AudioError, match=r'cut.wav is cut short .*: its header promises '
+                     r'32,000 bytes of samples, the file holds 15,956') as error:
+    audio.load(str(cut))
+  assert error.value.reason == 'truncated'

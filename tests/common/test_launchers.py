@@ -60,3 +60,13 @@ def test_slurm_runs_one_multihost_process_per_node(tmp_path):
   assert srun == ['srun', '--ntasks-per-node=1', '--kill-on-bad-exit=1', 'python3', '-m',
                   'fac_jax.train.trainer', '--multihost', '--config=configs/fac_8b.py:stage2',
                   '--workdir=/shared/run']
+
+
+def test_tpu_pod_refuses_a_module_name_that_would_run_a_command(tmp_path):
+  module = 'fac_jax.train.trainer;touch${IFS}pwned'
+  result = subprocess.run(
+      [os.path.join(REPO, 'launch', 'tpu_pod.sh'), 'my-pod', 'us-east5-a', module],
+      env=fake_tools(tmp_path, 'gcloud'), capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert f"module '{module}' is not a Python module name" in result.stderr
+  assert not (tmp_path / 'calls.txt').exists()  # nothing shipped, nothing run

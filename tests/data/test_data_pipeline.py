@@ -1,10 +1,12 @@
 """The grain pipeline: chat-template formatting on a hand-checked record, packing that covers an
-epoch exactly once, per-process shards, determinism, exact resumption, and global batches on an
-8-device mesh."""
+epoch exactly once, per-process shards, determinism, exact resumption, global batches on an
+8-device mesh, and conversations that fit no row: counted, and an error when none fits."""
 
 import collections
+import copy
 import json
 import os
+import threading
 
 import jax
 import numpy as np
@@ -17,6 +19,8 @@ import paths
 from fac_jax.batch import IGNORE_ID
 from fac_jax.checkpoints import text_tokenizer
 from fac_jax.data import conversation, input_pipeline, prepare
+
+
 @pytest.fixture(scope='module')
 def data_cfg(tmp_path_factory):
   from fac_jax import config as config_lib
@@ -137,3 +141,31 @@ def test_local_batches_become_global_arrays_on_an_8_device_mesh(data_cfg):
   assert summary['input_ids_spec'] == "P(('data', 'fsdp'), None)"
   assert summary['mel_spec'] == "P(('data', 'fsdp'), None, None, None)"
   assert summary['equal_to_local'] and summary['loss_finite']
+
+
+def test_conversations_that_fit_no_row_are_counted_and_none_fitting_is_an_error(data_cfg):
+  source = prepare.open_split(data_cfg.data.dir, 'train')
+  format_record = input_pipeline.FormatRecord(os.path.join(data_cfg.data.dir, 'tokenizer'),
+                                              data_cfg.model)
+  lengths = sorted(len(format_record(source[i])['input_ids']) for i in range(len(source)))
+  cfg = copy.deepcopy(data_cfg)
+  cfg.data.seq_len = lengths[len(lengths) // 2]
+  iterator = iter(input_pipeline.dataset(cfg, 'train', num_epochs=1, shuffle=False))
+  list(iterator)
+  assert iterator.dropped == sum(n > cfg.data.seq_len for n in lengths) > 0
+
+  cfg.data.seq_len = lengths[0] - 1  # no row holds any conversation: training would spin forever
+  outcome = []
+
+  def first_batch():
+    try:
+      next(iter(input_pipeline.dataset(cfg, 'train')))
+    except prepare.DatasetError as e:
+      outcome.append(str(e))
+
+  searching = threading.Thread(target=first_batch, daemon=True)
+  searching.start()
+  searching.join(timeout=120)
+  assert len(outcome) == 1 and outcome[0].startswith(
+      f"split 'train' of {cfg.data.dir}: none of the last 60 conversations read (the split holds "
+      f'30) fits a row of data.seq_len={cfg.data.seq_len} positions')

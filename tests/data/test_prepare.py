@@ -1,5 +1,6 @@
 """Manifests -> ArrayRecord dataset: contents against the audio front end and speech tokenizer,
-every bad-input case reported with file, line and reason, resumption, and the Beam runner."""
+every bad-input case reported with file, line and reason, resumption, the Beam runner, reruns
+after the manifests change, and refusals: names that would leave their folder, empty splits."""
 
 import collections
 import json
@@ -13,9 +14,11 @@ import pytest
 import speech_corpus
 import paths
 
-from fac_jax import audio
+from fac_jax import audio, fingerprint
 from fac_jax.data import manifest, prepare
 from fac_jax.speech import speech_tokenizer
+
+
 def records(out: str, split: str) -> dict[str, dict]:
   source = prepare.open_split(out, split)
   return {json.loads(r['conversation'])['id']: r for r in (source[i] for i in range(len(source)))}
@@ -134,9 +137,12 @@ def test_interrupted_run_resumes_from_its_cached_chunks(tmp_path, tiny_config, m
 def test_beam_direct_runner_builds_the_same_dataset(prepared):
   cfg, root, splits, out, _ = prepared
   beam_out = os.path.join(root, 'beam')
-  prepare.prepare(beam_out, splits, cfg.model, use_beam=True, num_shards=2,
-                  tokenizer_folder=os.path.join(out, prepare.TOKENIZER_FOLDER),
-                  speech_tokenizer_file=os.path.join(out, prepare.SPEECH_TOKENIZER_FILE))
+  report = prepare.prepare(beam_out, splits, cfg.model, use_beam=True, num_shards=2,
+                           tokenizer_folder=os.path.join(out, prepare.TOKENIZER_FOLDER),
+                           speech_tokenizer_file=os.path.join(out, prepare.SPEECH_TOKENIZER_FILE))
+  # The workers logged why they skipped lines; how many is still known, never a silent 0.
+  train = report['splits']['train']
+  assert train['skipped'] == len(speech_corpus.BAD_LINES) and train['skipped_by_reason'] is None
   for split in splits:
     local, beam = records(out, split), records(beam_out, split)
     assert local.keys() == beam.keys()
@@ -152,3 +158,76 @@ def test_refuses_a_tokenizer_whose_special_ids_differ_from_the_config(prepared, 
   with pytest.raises(ValueError, match='special token ids .* differ from the config'):
     prepare.prepare(str(tmp_path), splits, tiny_config.model,
                     tokenizer_folder=os.path.join(out, prepare.TOKENIZER_FOLDER))
+
+
+def given_tokenizers(out: str) -> dict:
+  """prepare's arguments that reuse the tokenizers of the prepared folder `out`."""
+  return dict(tokenizer_folder=os.path.join(out, prepare.TOKENIZER_FOLDER),
+              speech_tokenizer_file=os.path.join(out, prepare.SPEECH_TOKENIZER_FILE))
+
+
+def test_a_line_added_and_a_new_split_rebuild_only_what_they_change(prepared, tiny_config,
+                                                                     tmp_path, monkeypatch):
+  splits = speech_corpus.write(str(tmp_path), num_train=8, num_validation=2, bad_lines=False)
+  out = str(tmp_path / 'prepared')
+  first = prepare.prepare(out, splits, tiny_config.model, chunk_size=4,
+                          **given_tokenizers(prepared[3]))
+  with open(splits['validation']) as f:
+    added = f.readline()
+  with open(splits['train'], 'a') as f:
+    f.write(added)  # line 9 of train: a chunk of its own
+  extracted = []
+  original = prepare.Extractor.conversation
+  monkeypatch.setattr(prepare.Extractor, 'conversation',
+                      lambda self, conv: extracted.append(conv.id) or original(self, conv))
+  report = prepare.prepare(out, dict(splits, more=splits['validation']), tiny_config.model,
+                           chunk_size=4, **given_tokenizers(prepared[3]))
+  assert extracted == ['c8', 'c8', 'c9']  # train's new line, then the new split
+  assert [report['splits'][s]['kept'] for s in ('train', 'validation', 'more')] == [9, 2, 2]
+  assert len(records(out, 'more')) == 2 and len(prepare.open_split(out, 'train')) == 9
+  fingerprints = {split: (first['splits'][split]['fingerprint'],
+                          report['splits'][split]['fingerprint']) for split in splits}
+  assert fingerprints['train'][0] != fingerprints['train'][1]
+  assert fingerprints['validation'][0] == fingerprints['validation'][1]
+
+
+def test_smoke_then_full_corpus_in_one_folder_retrains_the_tokenizers(tiny_config, tmp_path,
+                                                                      capsys):
+  root, out = str(tmp_path), str(tmp_path / 'prepared')
+  small = prepare.prepare(out, speech_corpus.write(root, num_train=6, num_validation=2,
+                                                   bad_lines=False), tiny_config.model)
+  full = prepare.prepare(out, speech_corpus.write(root, num_train=10, num_validation=2,
+                                                  bad_lines=False), tiny_config.model)
+  assert full['splits']['train']['kept'] == 10
+  # Both tokenizers learnt from every line of the small corpus: trained again on the full one.
+  assert full['properties']['speech_tokenizer'] != small['properties']['speech_tokenizer']
+  assert full['properties']['text_tokenizer'] != small['properties']['text_tokenizer']
+  printed = capsys.readouterr().out
+  assert f'{out}/speech_tokenizer.npz was made with other settings (lines: ' in printed
+  with pytest.raises(fingerprint.Mismatch, match=r'manifests\.train: .*--on_mismatch=redo'):
+    prepare.prepare(out, speech_corpus.write(root, num_train=12, num_validation=2,
+                                             bad_lines=False), tiny_config.model,
+                    on_mismatch='refuse')
+
+
+def test_ids_and_split_names_that_would_leave_their_folder_are_refused(prepared, tiny_config,
+                                                                       tmp_path):
+  line = json.dumps({'id': '../../x', 'turns': [{'role': 'user', 'text': 'Hi'},
+                                                 {'role': 'assistant', 'text': 'Hi.'}]})
+  with pytest.raises(manifest.ManifestError,
+                     match=r'm\.jsonl:3: field "id" must be a plain name .*got \'\.\./\.\./x\''):
+    manifest.parse_line(line, 'm.jsonl', 3)
+  out = tmp_path / 'deep' / 'out'
+  with pytest.raises(ValueError, match=r"split name '\.\./\.\./escape' must be a plain name"):
+    prepare.prepare(str(out), {'../../escape': prepared[2]['train']}, tiny_config.model)
+  assert os.listdir(tmp_path) == []  # nothing written, inside --out or beside it
+
+
+def test_a_split_that_keeps_no_line_is_refused(prepared, tiny_config, tmp_path):
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"turns": []}\n{"id": "../x", "turns": [{"role": "user", "text": "Hi"}, '
+                 '{"role": "assistant", "text": "Hi."}]}\n')
+  with pytest.raises(prepare.DatasetError, match=rf"{bad}: split 'facts' keeps none of its lines "
+                                                 r"\(skipped by reason: {'malformed_line': 2}\)"):
+    prepare.prepare(str(tmp_path / 'out'), {'facts': str(bad)}, tiny_config.model,
+                    **given_tokenizers(prepared[3]))

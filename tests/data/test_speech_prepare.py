@@ -18,6 +18,7 @@ import paths
 from fac_jax import audio, config as config_lib
 from fac_jax.data import prepare, synthetic
 from fac_jax.speech import convert_s3, s3tokenizer, speech_tokenizer
+
 ONNX_PATH = os.path.join(paths.TESTDATA, 'cosyvoice3_tiny', 'tokenizer',
                          'speech_tokenizer_v3_tiny.onnx')
 

@@ -15,6 +15,7 @@ import paths
 from fac_jax import config as config_lib
 from fac_jax.checkpoints import text_tokenizer
 from fac_jax.data import conversation, manifest, synth
+
 MANIFESTS = ('train', 'validation', 'text_facts')
 NUM_TRAIN, NUM_EVAL = 12, 8
 # An oracle independent of synth.number_words.
@@ -239,6 +240,14 @@ def test_piper_changes_only_voices():
         if a['meta']['engine'] == 'espeak-ng':
           assert [a['meta'][k] for k in user_keys] == [b['meta'][k] for k in user_keys]
   assert 'piper' in engines and 'espeak-ng' in engines
+
+
+def test_piper_auto_says_why_it_falls_back_to_espeak(monkeypatch, caplog):
+  monkeypatch.setitem(sys.modules, 'piper', None)  # `import piper` fails as if not installed
+  voice, why = synth.open_piper('auto')
+  assert voice is None and 'piper' in why
+  assert f'piper=auto: every voice is espeak-ng, as piper could not be loaded ({why})' in \
+      caplog.text
 
 
 def test_missing_espeak_says_what_to_install(tmp_path, monkeypatch):

@@ -2,9 +2,12 @@
 half-duplex decode steps of the same weights and the duplex forward the half-duplex forward; the
 teacher-forced streaming loop gives the training forward's logits (window-prefix encoder windows
 included) and, once its bounded caches slide, those of an uncached forward built to mean the
-eviction policy; the causal log-mel against librosa; duplex checkpoints."""
+eviction policy; the causal log-mel against librosa; duplex checkpoints, and the live call
+refusing a half-duplex one."""
 
 import dataclasses
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -305,3 +308,16 @@ def test_duplex_checkpoints(tiny, tmp_path):
   np.save(f'{path}/duplex/user_silence.npy', silence[:-1])
   with pytest.raises(ValueError, match=r'duplex/user_silence.npy: user_silence has shape'):
     duplex_model.load(path)
+
+
+def test_live_call_refuses_a_half_duplex_checkpoint(tiny, tmp_path):
+  from conftest import REPO
+  cfg, _, params, _ = tiny
+  plain = checkpoint.save_params(str(tmp_path / 'half'), cfg, duplex_model.shared_params(params))
+  result = subprocess.run(
+      [sys.executable, '-m', 'fac_jax.duplex', f'--ckpt={plain}', '--audio=call.wav',
+       f'--out={tmp_path / "reply.wav"}'], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: {plain} is a half-duplex checkpoint (no duplex/user_silence.npy): fine-tune it '
+      'with python -m fac_jax.duplex.finetune, or pass --allow_half_duplex to run it untrained')

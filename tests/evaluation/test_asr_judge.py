@@ -12,8 +12,10 @@ import pytest
 from transformers import WhisperFeatureExtractor
 
 from fac_jax import audio
+from fac_jax.checkpoints import whisper
 from fac_jax.data import synth
 from fac_jax.evaluation import asr_judge
+
 # (engine, voice, speed, pitch, text): the text as spoken is the reference too.
 SPEECH = (
     (synth.PIPER, synth.PIPER_VOICE, 1.0, None, 'The dog runs in the park.'),

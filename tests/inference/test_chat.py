@@ -1,8 +1,12 @@
 """The chat command end to end on an imported tiny checkpoint: text printed, the spoken answer
-written (batch and streamed), and bad input refused with a message naming the file."""
+written (batch and streamed), and bad input refused with a message naming the file; on a
+checkpoint the trainer wrote, what it needs read from the checkpoint: tokenizers and the system
+prompts of its training tasks."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -11,10 +15,13 @@ import pytest
 import soundfile
 
 import paths
+import speech_corpus
 
-from fac_jax.checkpoints import convert
-from fac_jax.data import synthetic
+from fac_jax import config as config_lib
+from fac_jax.checkpoints import checkpoint, convert
+from fac_jax.data import prepare, synthetic
 from fac_jax.speech import speech_tokenizer
+from fac_jax.train import trainer
 import official_checkpoint
 
 REPO = paths.REPO
@@ -36,8 +43,8 @@ def setup(tmp_path_factory):
 
 
 def chat(*args):
-  return subprocess.run([sys.executable, '-m', 'fac_jax.inference.chat', *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=300)
+  return subprocess.run([sys.executable, '-m', 'fac_jax.inference.chat', *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
 @pytest.mark.parametrize('stream', [False, True])
@@ -88,3 +95,66 @@ def test_typed_question_with_spoken_and_typed_history(setup, tmp_path):
   broken.write_text(json.dumps([{'user': 'hi'}]))
   result = chat(f'--ckpt={ckpt}', '--text=hi', f'--history={broken}', '--mode=s2t')
   assert result.returncode != 0 and f'{broken}: turn 0 must be' in result.stderr
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """The final checkpoint of 2 trainer steps of the tiny config on the small speech corpus
+  (spoken_qa: 'Answer briefly.', spoken; text_qa: no system prompt, typed), and a question."""
+  root = str(tmp_path_factory.mktemp('trained'))
+  splits = speech_corpus.write(root, num_train=16, num_validation=4, bad_lines=False)
+  cfg = config_lib.load(f'{paths.TINY_CONFIG}:stage1')
+  prepare.prepare(os.path.join(root, 'prepared'), splits, cfg.model)
+  cfg.data.update(dir=os.path.join(root, 'prepared'), batch_size=4, seq_len=96, num_windows=16)
+  cfg.train.update(steps=2, eval_every=2, checkpoint_every=2, log_every=1, eval_batches=1)
+  trainer.Trainer(cfg, os.path.join(root, 'run')).run()
+  return os.path.join(root, 'run', 'final'), os.path.join(root, 'audio', 'q0.wav')
+
+
+def last_line(result) -> str:
+  assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_trained_checkpoint_speaks_with_its_own_prompts_and_voice(trained, tmp_path):
+  ckpt, question = trained
+  settings = checkpoint.chat_settings(ckpt)
+  assert settings['tasks'] == {
+      'spoken_qa': {'system': 'Answer briefly.', 'question': 'speech', 'answer': 'speech',
+                    'conversations': 11},
+      'text_qa': {'system': None, 'question': 'text', 'answer': 'text', 'conversations': 5}}
+  assert settings['speech_tokenizer']['file'] == checkpoint.SPEECH_TOKENIZER_FILE
+  out = tmp_path / 'answer.wav'
+  result = chat(f'--ckpt={ckpt}', f'--audio={question}', f'--out={out}', '--max_new_tokens=6',
+                '--greedy')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "system prompt (task spoken_qa): 'Answer briefly.'" in result.stderr
+  assert not re.search(r'^I\d{4} ', result.stderr, re.M)  # no INFO logs without --verbosity
+  assert result.stdout.strip().splitlines()[-1].startswith(f'wrote {out}')
+  assert soundfile.read(out)[1] == 16000  # the data's k-means tokenizer, Griffin-Lim
+  result = chat(f'--ckpt={ckpt}', '--text=say one', '--mode=s2t', '--max_new_tokens=4')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "system prompt (task text_qa): ''" in result.stderr
+  result = chat(f'--ckpt={ckpt}', '--text=say one', '--mode=s2t', '--max_new_tokens=4',
+                '--system=spoken_qa')
+  assert "system prompt (task spoken_qa): 'Answer briefly.'" in result.stderr
+
+
+def test_refusals_come_before_generating_in_one_line(trained, tmp_path):
+  ckpt, question = trained
+  result = chat(f'--ckpt={ckpt}', f'--audio={question}', '--mode=s2t', f'--out={tmp_path}/a.wav')
+  assert last_line(result) == ('error: --out writes a spoken answer, but --mode=s2t answers in '
+                               'text only: drop --out, or use --mode=s2s')
+  out = tmp_path / 'missing' / 'a.wav'
+  result = chat(f'--ckpt={ckpt}', f'--audio={question}', f'--out={out}')
+  assert last_line(result) == f'error: --out={out}: folder {out.parent} does not exist'
+  assert not result.stdout  # nothing generated
+  truncated = tmp_path / 'truncated'
+  shutil.copytree(ckpt, truncated)
+  data = max((os.path.join(folder, name) for folder, _, names in os.walk(truncated / 'params')
+              for name in names), key=os.path.getsize)
+  os.truncate(data, os.path.getsize(data) // 2)
+  result = chat(f'--ckpt={truncated}', f'--audio={question}', '--mode=s2t')
+  assert last_line(result).startswith(f'error: {truncated}: cannot read its parameters '
+                                      '(truncated or corrupt files?): ')
+  assert 'TensorStore' not in result.stderr

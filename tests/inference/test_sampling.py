@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from fac_jax.inference import sampling
+
+
 def numpy_process(logits, history, s):
   logits = logits.astype(np.float64).copy()
   for b in range(len(logits)):

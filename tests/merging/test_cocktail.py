@@ -1,8 +1,11 @@
 """Core-Cocktail as one resumable job, and the merge study: the merged model is the stated mix of
-stage 1 and the base, a rerun redoes nothing, and the sweep's ends are the models it mixes."""
+stage 1 and the base, a rerun redoes nothing, and the sweep's ends are the models it mixes; a
+rerun with other settings or models refuses, naming them, or makes the parts they change again."""
 
+import copy
 import csv
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -10,11 +13,13 @@ import pytest
 
 import speech_corpus
 from flax import nnx
-from fac_jax import sharding
+from fac_jax import fingerprint, sharding
 from fac_jax.checkpoints import checkpoint
 from fac_jax.data import prepare
 from fac_jax.merging import cocktail, merge_study, methods
 from fac_jax.model import fun_audio_chat
+
+
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   from fac_jax import config as config_lib
@@ -57,7 +62,7 @@ def test_merge_mixes_stage1_with_the_base_only_where_the_base_counts(setup):
 
 def test_a_rerun_skips_every_finished_part(setup, capsys, monkeypatch):
   cfg, _, workdir, final = setup
-  monkeypatch.setattr(merging, 'merge_trees', None)  # a merge would fail
+  monkeypatch.setattr(methods, 'merge_trees', None)  # a merge would fail
   capsys.readouterr()
   assert cocktail.run_cocktail(cfg, workdir) == final
   assert 'step 1/' not in capsys.readouterr().out
@@ -80,10 +85,42 @@ def test_merge_study_sweeps_caches_and_reports(setup, tmp_path, monkeypatch):
   linear_half, slerp_half = rows[1], rows[4]
   assert linear_half['task_text_loss'] != slerp_half['task_text_loss']
 
-  monkeypatch.setattr(merging, 'merge_trees', None)  # cached: nothing is merged again
+  monkeypatch.setattr(methods, 'merge_trees', None)  # cached: nothing is merged again
   assert merge_study.sweep(*args) == rows
   merge_study.write_reports(rows, str(tmp_path))
   with open(tmp_path / 'merge_study.csv') as f:
     assert len(list(csv.DictReader(f))) == 6
   assert (tmp_path / 'merge_study.md').read_text().count('\n') == 8
   assert (tmp_path / 'merge_study.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_another_merge_weight_is_refused_or_remakes_the_merge_and_stage2(setup, tmp_path):
+  cfg, base, workdir, _ = setup
+  copied = str(tmp_path / 'run')
+  shutil.copytree(workdir, copied)
+  changed = copy.deepcopy(cfg)
+  changed.cocktail.alpha = 0.25
+  merged = os.path.join(copied, 'merged')
+  with pytest.raises(fingerprint.Mismatch, match=rf'^{merged} was made with other settings '
+                                                 r'\(config\.cocktail\.alpha: 0\.5 -> 0\.25\)'):
+    cocktail.run_cocktail(changed, copied)
+  before = load(os.path.join(copied, 'stage2', 'final'))
+  final = cocktail.run_cocktail(changed, copied, on_mismatch='redo')
+  m0, m1 = load(base), load(os.path.join(copied, 'stage1', 'final'))
+  for got, a, b in zip(*(jax.tree.leaves(tree['llm']) for tree in (load(merged), m1, m0))):
+    np.testing.assert_allclose(got, 0.25 * a + 0.75 * b, rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(load(final)),
+                                                      jax.tree.leaves(before)))
+
+
+def test_merge_study_measures_again_when_a_model_changes(setup, tmp_path):
+  cfg, base, workdir, _ = setup
+  args = dict(workdir=str(tmp_path), knowledge_data=cfg.data.dir, task_data=cfg.data.dir,
+              alphas=[1.0], methods=['linear'], include='^llm/', eval_batches=1)
+  stage1, merged = os.path.join(workdir, 'stage1', 'final'), os.path.join(workdir, 'merged')
+  first = merge_study.sweep(cfg, base, stage1, **args)
+  with pytest.raises(fingerprint.Mismatch, match=r'results\.json was made with other settings '
+                                                 r'\(inputs\.finetuned: '):
+    merge_study.sweep(cfg, base, merged, on_mismatch='refuse', **args)
+  again = merge_study.sweep(cfg, base, merged, **args)
+  assert again[0]['task_speech_loss'] != first[0]['task_speech_loss']

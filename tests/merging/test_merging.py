@@ -289,6 +289,34 @@ def test_refusals_leave_nothing_on_disk(small_checkpoints, base, finetuned, matc
   assert not os.path.exists(out) and not os.path.exists(out + '.incomplete')
 
 
+def merge_command(*args, program=('-m',)):
+  return subprocess.run([sys.executable, *program, 'fac_jax.merging.merge', '--method=linear',
+                         '--alpha=0.5', *args], capture_output=True, text=True, cwd=REPO,
+                        timeout=300)
+
+
+def test_corrupt_input_and_full_disk_are_said_in_one_line(tiny_checkpoints, tmp_path):
+  _, _, (base_path, ft1, _), *_ = tiny_checkpoints
+  corrupt = tmp_path / 'corrupt'
+  shutil.copytree(ft1, corrupt)
+  data = max((os.path.join(folder, name) for folder, _, names in os.walk(corrupt / 'params')
+              for name in names), key=os.path.getsize)
+  os.truncate(data, os.path.getsize(data) // 2)
+  out = tmp_path / 'out'
+  result = merge_command(f'--base={base_path}', f'--finetuned={corrupt}', f'--out={out}')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 'TensorStore' not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'merge: {corrupt}: cannot read its parameters (truncated or corrupt files?): ')
+  result = merge_command(f'--base={base_path}', f'--finetuned={ft1}', f'--out={out}',
+                         program=(os.path.join(REPO, 'tests', 'disk_full.py'),))
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: no space left on device writing {out}.incomplete/params/d/0; free some space and '
+      'run it again')
+  assert not out.exists() and not (tmp_path / 'out.incomplete').exists()
+
+
 def test_base_with_only_the_llm_merges_the_llm_and_existing_out_is_refused(small_checkpoints):
   root, paths = small_checkpoints
   out = str(root / 'llm_merged')

@@ -16,6 +16,7 @@ import pytest
 
 from fac_jax.data import conversation
 from fac_jax.model import fun_audio_chat
+
 IGNORE = -100
 GROUP = 5
 

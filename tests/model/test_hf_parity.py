@@ -22,7 +22,9 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAu
 
 from fac_jax import config as config_lib
 from fac_jax.checkpoints import official_layout
+from fac_jax.data import conversation
 from fac_jax.model import audio_encoder, qwen3
+
 RTOL = 1e-4
 
 # Decoder: hidden 40, 6 query heads over 2 kv heads (groups of 3), head_dim 12 != 40 / 6.
@@ -69,7 +71,8 @@ def merge_into(abstract: nnx.Module, tensors, maps, ignored=()) -> nnx.Module:
 # Qwen3 decoder
 
 
-def decoder_pair(attn_implementation: str):
+def decoder_pair(attn_implementation: str, dtype=jnp.float32):
+  """The HF decoder and ours with its weights; ours computes in `dtype`, parameters float32."""
   d = DECODER
   hf_config = Qwen3Config(
       vocab_size=d['vocab'], hidden_size=d['hidden'], intermediate_size=d['mlp'],
@@ -87,8 +90,8 @@ def decoder_pair(attn_implementation: str):
                                   head_dim=d['head_dim'], mlp_dim=d['mlp'],
                                   rope_theta=d['rope_theta'])
   cfg.vocab_size = d['vocab']
-  abstract = nnx.eval_shape(lambda: qwen3.CausalLM(cfg, dtype=jnp.float32,
-                                                   param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: qwen3.CausalLM(cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                   rngs=nnx.Rngs(0)))
   ours = merge_into(abstract, state_numpy(hf_model), official_layout.causal_lm_maps(cfg))
   return hf_model, ours
 
@@ -132,11 +135,11 @@ def test_qwen3_packed_segments_match_separate_hf_runs():
 # Continuous speech encoder
 
 
-def encoder_pair(attn_implementation: str):
+def encoder_pair(attn_implementation: str, n_window: int = ENCODER['n_window']):
   e = ENCODER
   hf_config = Qwen2_5OmniAudioEncoderConfig(
       num_mel_bins=e['mels'], d_model=e['hidden'], encoder_layers=e['layers'],
-      encoder_attention_heads=e['heads'], encoder_ffn_dim=e['mlp'], n_window=e['n_window'],
+      encoder_attention_heads=e['heads'], encoder_ffn_dim=e['mlp'], n_window=n_window,
       output_dim=e['output'], max_source_positions=e['max_positions'])
   hf_config._attn_implementation = attn_implementation
   torch.manual_seed(0)
@@ -145,7 +148,7 @@ def encoder_pair(attn_implementation: str):
 
   cfg = ml_collections.ConfigDict(dict(
       num_mel_bins=e['mels'], hidden_size=e['hidden'], num_layers=e['layers'],
-      num_heads=e['heads'], mlp_dim=e['mlp'], window_frames=2 * e['n_window'],
+      num_heads=e['heads'], mlp_dim=e['mlp'], window_frames=2 * n_window,
       max_positions=e['max_positions'], norm_eps=1e-5))
   abstract = nnx.eval_shape(lambda: audio_encoder.ContinuousSpeechEncoder(
       cfg, e['output'], dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
@@ -188,14 +191,52 @@ def test_continuous_encoder_matches_hf(attn_implementation):
 
   mel, lengths = to_windows(audios, window, rng)
   out = np.asarray(ours(jnp.asarray(mel), jnp.asarray(lengths)))
-  pooled_per_window = window // 4
-  assert out.shape == (len(audios), mel.shape[1] * pooled_per_window, ENCODER['output'])
-  # Each window contributes its first (conv frames // 2) pooled slots; the rest must be zero.
-  conv_lengths = np.where(lengths > 0, (lengths - 1) // 2 + 1, 0)
-  slot_valid = (np.arange(pooled_per_window)[None, None] < (conv_lengths // 2)[..., None])
-  slot_valid = slot_valid.reshape(len(audios), -1)
-  assert slot_valid.sum(axis=1).tolist() == frames_25hz
-  assert not np.any(out[~slot_valid])
-  err = relative_error(out[slot_valid], theirs)
+  assert out.shape == (len(audios), mel.shape[1] * window // 4, ENCODER['output'])
+  # One audio a row: its 25 Hz frames come first; a slot whose first 50 Hz frame is padding is 0.
+  conv_valid = np.arange(window // 2) < ((lengths + 1) // 2)[..., None]
+  assert not np.any(out[~conv_valid.reshape(len(audios), -1)[:, ::2]])
+  ours_frames = np.concatenate([out[b, :n] for b, n in enumerate(frames_25hz)])
+  err = relative_error(ours_frames, theirs)
   print(f'encoder {attn_implementation}: max relative error {err:.3g}')
+  assert err <= RTOL
+
+
+def test_continuous_encoder_pools_across_odd_windows_like_hf():
+  """n_window 5: each window yields 5 frames at 50 Hz, so 25 Hz pairs span two windows, over the
+  windows of each audio, as in the official encoder and Qwen2.5-Omni's. Audios go through the data
+  pipeline's formatting and packing; one audio of 2 mel frames has a single 50 Hz frame, which
+  the official encoder passes through unpooled (Qwen2.5-Omni drops it: its expected value is
+  computed from that encoder's last layer, ln_post and proj)."""
+  n_window = 5
+  hf_model, ours = encoder_pair('sdpa', n_window)
+  cfg = config_lib.default_config().model
+  cfg.encoder.update(num_mel_bins=ENCODER['mels'], window_frames=2 * n_window)
+  # 50 Hz frames per audio: 12 (3 windows), 1, 19 (odd: the last is dropped), 7.
+  mel_lengths = (23, 2, 37, 13)
+  rng = np.random.default_rng(6)
+  audios = [rng.normal(size=(n, ENCODER['mels'])).astype(np.float32) for n in mel_lengths]
+  speech = [conversation.user_audio(a, conversation.encoder_frames(len(a)), cfg) for a in audios]
+  text = lambda: conversation.Text([11, 12], trained=False)
+  examples = [conversation.format_conversation(pieces, cfg)
+              for pieces in ([text(), speech[0], text(), speech[1]], [text(), speech[2]],
+                             [speech[3], text()])]
+  rows = [examples[:2], examples[2:]]
+  batch = conversation.pack(rows, max(sum(len(e['input_ids']) for e in r) for r in rows),
+                            max(sum(len(e['mel_lengths']) for e in r) for r in rows), cfg)
+  assert batch['mel_lengths'][0].tolist() == [10, 10, 3, 0, 2, 0, 10, 10, 10, 7]
+
+  out = np.asarray(ours(jnp.asarray(batch['mel']), jnp.asarray(batch['mel_lengths'])))
+  index = batch['continuous_frames']
+  ours_frames = np.concatenate([out[b, index[b][index[b] >= 0]] for b in range(len(rows))])
+
+  with torch.no_grad():
+    result = hf_model(input_features=torch.from_numpy(np.concatenate(audios).T.copy()),
+                      feature_lens=torch.tensor(mel_lengths), output_hidden_states=True)
+    single = hf_model.proj(hf_model.ln_post(result.hidden_states[-1][12])).numpy()
+  pooled = result.last_hidden_state.numpy()
+  assert len(pooled) == 6 + 9 + 3
+  theirs = np.concatenate([pooled[:6], single[None], pooled[6:]])
+  assert ours_frames.shape == theirs.shape
+  err = relative_error(ours_frames, theirs)
+  print(f'encoder, odd windows: max relative error {err:.3g}')
   assert err <= RTOL

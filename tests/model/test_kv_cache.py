@@ -9,6 +9,8 @@ import numpy as np
 from flax import nnx
 
 from fac_jax.model import qwen3
+
+
 def test_prefill_then_steps_match_full_forward(tiny_config):
   cfg = tiny_config.model.llm
   stack = nnx.jit(lambda: qwen3.DecoderStack(cfg, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -2,7 +2,8 @@
 
 The official folder is imported by the converter and the batch read from the official format.
 Tolerance: logits within max relative error 1e-4 (relative to the largest reference magnitude),
-losses within 1e-5 relative, input embeddings within 1e-5 absolute, labels exactly.
+losses within 1e-5 relative, input embeddings within 1e-5 absolute, labels exactly; the gradient of
+the total loss within 1e-5 absolute for every parameter, its global norm within 1e-5 relative.
 """
 
 import os
@@ -11,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from fac_jax.batch import IGNORE_ID
 from fac_jax.checkpoints import official_layout
 from fac_jax.data import official_batch
 from fac_jax.model import fun_audio_chat
+from fac_jax.train import steps
 import official_tiny
 
 
@@ -49,6 +52,29 @@ def test_losses_and_logits_match_official(golden):
                      reference['out.speech_logits'][speech_valid]) < 1e-4
 
 
+def test_gradient_matches_official_for_every_parameter(golden):
+  """Every official gradient, the tied speech-code embedding's included: official lookups
+  (nn.Embedding with padding_idx) send none to the pad row, only the refined head's output does."""
+  cfg, _, batch, model = golden
+  graphdef, state = nnx.split(model)
+  jbatch = jax.tree.map(jnp.asarray, batch)
+  grads = jax.grad(lambda p: steps.loss_fn(graphdef, p, jbatch)[0])(nnx.to_pure_dict(state))
+  reference = official_tiny.grads_reference()
+  errors, squares = {}, 0.0
+  for m in official_layout.fun_audio_chat_maps(cfg):
+    leaf = np.asarray(official_layout.at_path(grads, m.path), np.float64)
+    squares += float(np.sum(leaf ** 2))
+    for i, key in enumerate(m.keys):
+      ours = official_layout.relayout(leaf[i] if m.stacked else leaf, m.layout)
+      errors[key] = float(np.abs(ours - reference[key]).max())
+  assert set(errors) == set(reference)
+  worst = max(errors, key=errors.get)
+  print(f'max gradient difference {errors[worst]:.3g} ({worst}); norm {np.sqrt(squares):.6f}')
+  assert errors[worst] < 1e-5, worst
+  official_norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in reference.values()))
+  np.testing.assert_allclose(np.sqrt(squares), official_norm, rtol=1e-5)
+
+
 def test_every_official_tensor_is_mapped(golden):
   cfg = golden[0]
   names = set(load_file(os.path.join(official_tiny.DIR, 'model.safetensors')))
@@ -73,8 +99,8 @@ def test_llm_and_refined_head_inputs_match_official(golden):
   jbatch = jax.tree.map(jnp.asarray, batch)
   valid = batch['segment_ids'] > 0
   inputs, head_text = model.embed_inputs(jbatch)
-  np.testing.assert_allclose(np.asarray(inputs)[valid], reference['internal.lm_inputs_embeds'][valid],
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(inputs)[valid],
+                             reference['internal.lm_inputs_embeds'][valid], atol=1e-5)
 
   hidden = model.llm.decoder(inputs, jbatch['positions'], jbatch['segment_ids'])
   assert max_rel_err(np.asarray(hidden + head_text)[valid],

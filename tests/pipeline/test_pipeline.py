@@ -1,10 +1,16 @@
 """The main job end to end at a reduced size: every stage runs, every output exists and its metrics
-are finite and in range; a rerun resumes without redoing anything; a held-out question set checks
-the scoring against hand-built answers."""
+are finite and in range; chat talks to its model; a rerun resumes without redoing anything, and
+one with other settings refuses, naming them, or redoes what they change; a held-out question set
+checks the scoring against hand-built answers."""
 
+import copy
+import glob
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,8 +19,10 @@ import soundfile as sf
 
 import paths
 
+from fac_jax import fingerprint
 from fac_jax.checkpoints import checkpoint, whisper
-from fac_jax.evaluation import asr_judge, spoken_eval
+from fac_jax.data import synth
+from fac_jax.evaluation import spoken_eval
 from fac_jax.pipeline import main_job
 from fac_jax.speech import speech_tokenizer
 from conftest import run_notebook
@@ -53,13 +61,13 @@ def test_every_model_keeps_whisper_in_its_encoder_and_trains_its_projection(fini
   merge included); its projection to the LLM width trains."""
   cfg, workdir, _ = finished
   assert cfg.pipeline.encoder.pretrained == 'whisper_tiny_en'
-  whisper = whisper.trunk_from_whisper(whisper.read_weights(
+  trunk = whisper.trunk_from_whisper(whisper.read_weights(
       os.path.join(whisper.default_model_dir(), 'model.bin')))
   encoders = {name: checkpoint.Reader(os.path.join(workdir, path)).load()['continuous_encoder']
               for name, path in main_job.MODELS.items()}
   for name, encoder in encoders.items():
-    for (key, expected), got in zip(jax.tree_util.tree_flatten_with_path(whisper)[0],
-                                    jax.tree.leaves({k: encoder[k] for k in whisper})):
+    for (key, expected), got in zip(jax.tree_util.tree_flatten_with_path(trunk)[0],
+                                    jax.tree.leaves({k: encoder[k] for k in trunk})):
       np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f'{name} {key}')
   assert not np.array_equal(encoders['M_0']['proj']['kernel'], encoders['dpo']['proj']['kernel'])
 
@@ -110,6 +118,21 @@ def test_a_rerun_resumes_without_redoing_anything(finished, capsys):
   assert again['results'] == out['results']
 
 
+def test_chat_talks_to_the_main_jobs_model(finished, tmp_path):
+  """README's command on the job's output: the model's own prompt and voice, from its folder."""
+  _, workdir, _ = finished
+  question = sorted(glob.glob(os.path.join(workdir, 'samples', '*_question.wav')))[0]
+  out = tmp_path / 'answer.wav'
+  result = subprocess.run(
+      [sys.executable, '-m', 'fac_jax.inference.chat', f'--ckpt={workdir}/dpo/final',
+       f'--audio={question}', f'--out={out}', '--max_new_tokens=8'], capture_output=True,
+      text=True, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"system prompt (task correct_answer): {synth.SYSTEM_PROMPTS['spoken_qa']!r}"
+          in result.stderr)
+  assert sf.read(out)[1] == 16000 and result.stdout.strip().splitlines()[-1].startswith('wrote')
+
+
 def test_quick_start_notebook_shows_the_report_and_samples(finished, monkeypatch, capsys):
   _, workdir, out = finished
   monkeypatch.setenv('FAC_JAX_SMOKE', '1')
@@ -158,3 +181,43 @@ def test_questions_take_half_of_each_part_and_fill_in_where_one_runs_short():
   by_part = {True: asked(True, 1), False: asked(False, 5)}
   assert [q.taught for q in spoken_eval._balanced(by_part, 5)] == [True] + [False] * 4
   assert len(spoken_eval._balanced({None: asked(None, 7)}, 5)) == 5
+
+
+def test_a_smoke_run_has_its_own_default_workdir():
+  assert main_job.default_workdir(True) != main_job.default_workdir(False)
+
+
+def test_changed_settings_are_refused_naming_them_or_redo_only_what_they_change(
+    finished, tmp_path, capsys):
+  """A changed model config is refused with --on_mismatch=refuse, naming it; more DPO steps
+  continue that stage alone, and its evaluation and the report are made again, the other models'
+  evaluations kept."""
+  cfg, workdir, out = finished
+  copied = str(tmp_path / 'pipeline')
+  shutil.copytree(workdir, copied)
+  changed = copy.deepcopy(cfg)
+  changed.model.llm.num_layers = 2
+  with pytest.raises(fingerprint.Mismatch, match=rf'^{copied}/base was made with other settings '
+                                                 r'\(config\.model\.llm\.num_layers: 3 -> 2\)'):
+    main_job.run_pipeline(changed, copied, on_mismatch='refuse')
+  longer = copy.deepcopy(cfg)
+  longer.pipeline.stages.dpo.steps += 2
+  evaluated = {name: os.path.getmtime(os.path.join(copied, 'eval', f'{name}.json'))
+               for name in main_job.MODELS}
+  capsys.readouterr()
+  again = main_job.run_pipeline(longer, copied)
+  printed = capsys.readouterr().out
+  assert 'resumed from step 4' in printed
+  assert [line.split()[1] for line in printed.splitlines() if line.startswith('step ')] == ['6/6']
+  with open(os.path.join(copied, 'dpo', 'final', fingerprint.FILE)) as f:
+    assert json.load(f)['settings']['config']['train']['steps'] == 6
+  for name in main_job.MODELS:
+    kept = os.path.getmtime(os.path.join(copied, 'eval', f'{name}.json')) == evaluated[name]
+    assert kept == (name != 'dpo'), name
+    assert (again['results'][name] == out['results'][name]) == (name != 'dpo'), name
+  with open(os.path.join(copied, 'report.md')) as f:
+    report = f.read()
+  assert report == again['report'] != out['report']
+  metrics = again['results']['dpo']['metrics']
+  assert ('| dpo | ' + ' | '.join(main_job._cell(metrics, key, fmt) for key, _, fmt in
+                                  main_job.REPORT_COLUMNS) + ' |') in report.splitlines()

@@ -16,6 +16,7 @@ from flax import nnx
 import paths
 
 from fac_jax.speech import convert_cosyvoice, flow
+
 FIXTURE = os.path.join(paths.TESTDATA, 'cosyvoice3_tiny', 'flow')
 FLOW_PT = os.path.join(FIXTURE, 'flow.pt')
 FLOW_CONFIG = os.path.join(FIXTURE, 'config.json')

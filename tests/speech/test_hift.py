@@ -14,6 +14,7 @@ import torch
 import paths
 
 from fac_jax.speech import convert_cosyvoice, hift
+
 FIXTURE = os.path.join(paths.TESTDATA, 'cosyvoice3_tiny')
 HIFT_PT = os.path.join(FIXTURE, 'hift', 'hift.pt')
 HIFT_CONFIG = os.path.join(FIXTURE, 'hift', 'config.json')

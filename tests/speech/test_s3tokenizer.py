@@ -20,6 +20,7 @@ import paths
 from fac_jax import audio
 from fac_jax.model import layers
 from fac_jax.speech import convert_s3, s3tokenizer
+
 FIXTURE = os.path.join(paths.TESTDATA, 'cosyvoice3_tiny', 'tokenizer')
 ONNX_PATH = os.path.join(FIXTURE, 'speech_tokenizer_v3_tiny.onnx')
 

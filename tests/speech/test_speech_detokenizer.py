@@ -21,6 +21,7 @@ import paths
 
 from fac_jax.inference import streaming
 from fac_jax.speech import convert_cosyvoice, detokenizer, hift, speech_tokenizer
+
 FIXTURE = os.path.join(paths.TESTDATA, 'cosyvoice3_tiny')
 FLOW_CONFIG = os.path.join(FIXTURE, 'flow', 'config.json')
 SEGMENT = 20  # codes per segment here (750 in the released recipe), so that 40 codes make two

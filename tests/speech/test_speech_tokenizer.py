@@ -9,6 +9,7 @@ import pytest
 from fac_jax import audio
 from fac_jax.data import synthetic
 from fac_jax.speech import speech_tokenizer as st
+
 VOCAB_SIZE = 64
 NUM_MEL_BINS = 80
 

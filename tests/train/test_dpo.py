@@ -112,9 +112,9 @@ def test_loss_and_metrics_match_a_numpy_derivation(tiny_config):
 
   def logps(model):
     return {f'{answer}_{channel}': value for answer in ('chosen', 'rejected')
-            for channel, value in dpo.sequence_logps(
+            for channel, value in dpo.sequence_logps(fun_audio_chat.logits_target_nll(
                 {f'{c}_logits': logits[model][answer][c].astype(np.float32)
-                 for c in ('text', 'speech')}, batch[answer]).items()}
+                 for c in ('text', 'speech')}, batch[answer])).items()}
 
   metrics = dpo.summarise(dpo.pair_statistics(logps('policy'), logps('reference'), batch, cfg),
                           cfg)

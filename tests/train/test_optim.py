@@ -10,6 +10,8 @@ from flax import nnx
 from fac_jax import config as config_lib
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import optim
+
+
 def test_warmup_then_cosine_to_the_floor():
   train = config_lib.train_config('stage2')
   train.update(steps=1000, warmup_fraction=0.02)

@@ -1,9 +1,12 @@
 """The trainer end to end, in subprocesses as users run it: exact resumption after SIGKILL, a
 (2, 2, 2) mesh against one device, restoring onto another mesh, two processes with
-jax.distributed, freezing, the non-finite guard, checkpoint retention and the logs it writes."""
+jax.distributed, freezing, the non-finite guard, checkpoint retention and the logs it writes;
+reruns with more steps or other settings (fingerprints), data that disagrees with the config, and
+a torn metrics log."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +20,11 @@ import speech_corpus
 from conftest import REPO
 import paths
 
-from fac_jax import config as config_lib
+from fac_jax import config as config_lib, fingerprint
 from fac_jax.checkpoints import checkpoint
 from fac_jax.data import prepare
 from fac_jax.train import steps, trainer
+
 STEPS = 6
 # Every run: 6 steps of stage 1 (the schedule depends on the step count), a checkpoint every 3.
 COMMON = ['--config.train.steps=6', '--config.train.checkpoint_every=3',
@@ -84,7 +88,13 @@ def test_uninterrupted_run_writes_logs_checkpoints_and_plots(uninterrupted):
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert all(np.isfinite(list(losses.values())))
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    evals = [e for e in map(json.loads, f) if 'eval/loss' in e]
+    entries = list(map(json.loads, f))
+  # Conversations that fit no row are counted at every logged step and in the summary.
+  dropped = [e['train/dropped'] for e in entries if 'train/loss' in e]
+  assert len(dropped) == STEPS and dropped == sorted(dropped)
+  assert (f'finished at step 6 in {workdir}; {dropped[-1]:g} conversations read fit no row of '
+          'data.seq_len=96 positions and data.num_windows=16 mel windows') in stdout
+  evals = [e for e in entries if 'eval/loss' in e]
   assert [e['step'] for e in evals] == [6] and 0 <= evals[0]['eval/text_accuracy'] <= 1
   assert any(name.startswith('events.out.tfevents')
              for name in os.listdir(os.path.join(workdir, 'tensorboard')))
@@ -186,9 +196,9 @@ def test_non_finite_steps_are_skipped_then_training_stops(data_dir, tmp_path, ti
         params, opt_state, dict(batch, mel=batch['mel'] * np.nan)), batch_shardings
 
   monkeypatch.setattr(steps, 'jit_train_step', poisoned)
-  trainer = trainer.Trainer(tiny_config, str(tmp_path))
+  run = trainer.Trainer(tiny_config, str(tmp_path))
   with pytest.raises(trainer.TrainingError, match='3 steps in a row had a non-finite loss'):
-    trainer.run()
+    run.run()
 
 
 def test_dpo_stage_trains_against_its_frozen_reference(uninterrupted, data_dir, tmp_path,
@@ -214,3 +224,84 @@ def test_dpo_stage_trains_against_its_frozen_reference(uninterrupted, data_dir, 
   assert 0 < first_eval['eval/dpo_loss'] < np.log(2)  # trained away from the reference
   assert first_eval['eval/accuracy'] > 0.5
   assert max_relative_difference(final_params(workdir), final_params(uninterrupted[0])) > 0
+  # For chat: the pairs' tasks (as many pairs each: in manifest order), then its init's.
+  tasks = list(checkpoint.chat_settings(os.path.join(workdir, 'final'))['tasks'])
+  assert tasks == [*tiny_config.dpo.tasks, 'spoken_qa', 'text_qa']
+
+
+def recorded_steps(final: str) -> int:
+  with open(os.path.join(final, fingerprint.FILE)) as f:
+    return json.load(f)['settings']['config']['train']['steps']
+
+
+def test_more_steps_continue_the_run_and_final_holds_the_last_step(uninterrupted, data_dir,
+                                                                    tmp_path):
+  reference, _ = uninterrupted
+  workdir = str(tmp_path / 'longer')
+  shutil.copytree(reference, workdir)
+  result = run_training(workdir, data_dir, '--config.train.steps=8')
+  assert 'resumed from step 6' in result.stdout and 'step 8/8' in result.stdout
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert {step: losses[step] for step in range(1, 7)} == train_losses(reference)
+  assert recorded_steps(os.path.join(workdir, 'final')) == 8
+  assert max_relative_difference(final_params(workdir), final_params(reference)) > 0
+
+
+def test_other_settings_are_refused_naming_them_or_trained_anew_with_redo(uninterrupted,
+                                                                           data_dir, tmp_path):
+  reference, _ = uninterrupted
+  workdir = str(tmp_path / 'changed')
+  shutil.copytree(reference, workdir)
+  command = train_command(workdir, data_dir, '--config.model.llm.num_layers=2')
+  refused = subprocess.run(command, env=env_with(), capture_output=True, text=True, timeout=600,
+                           cwd=REPO)
+  assert refused.returncode != 0
+  assert refused.stderr.strip().splitlines()[-1].startswith(
+      f'error: {workdir} was made with other settings (config.model.llm.num_layers: 3 -> 2); '
+      '--on_mismatch=redo remakes it')
+  assert max_relative_difference(final_params(workdir), final_params(reference)) == 0.0
+  result = run_training(workdir, data_dir, '--config.model.llm.num_layers=2', '--on_mismatch=redo')
+  assert 'resumed' not in result.stdout and 'remaking it' in result.stdout
+  assert checkpoint.load_config(os.path.join(workdir, 'final')).llm.num_layers == 2
+  assert sorted(train_losses(workdir)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('encoder.num_mel_bins', 80, 'num_mel_bins is 40, but model.encoder.num_mel_bins has 80'),
+    ('tokens.sil', 249, "special_token_ids is {'sil': 259}, but model.tokens has {'sil': 249}"),
+    ('speech.bos_id', 50, 'speech_codebook_size is 73, but model.speech.bos_id has room for 50'),
+    ('llm.vocab_size', 200, 'text_vocab_size is 260, but model.llm.vocab_size has room for 200'),
+])
+def test_data_that_disagrees_with_the_config_is_refused_before_training(
+    data_dir, tiny_config, tmp_path, field, value, message):
+  tiny_config.data.dir = data_dir
+  part, name = field.split('.')
+  tiny_config.model[part][name] = value
+  report = os.path.join(data_dir, prepare.REPORT_FILE)
+  with pytest.raises(prepare.DatasetError, match=f'^{report}: {message}$'):
+    trainer.Trainer(tiny_config, str(tmp_path))
+
+
+def test_a_tokenizer_changed_after_preparation_is_refused(data_dir, tiny_config, tmp_path):
+  copied = str(tmp_path / 'data')
+  shutil.copytree(data_dir, copied)
+  with open(os.path.join(copied, prepare.TOKENIZER_FOLDER, 'tokenizer.json'), 'a') as f:
+    f.write('\n')
+  tiny_config.data.dir = copied
+  with pytest.raises(prepare.DatasetError, match=rf'prepare_report.json: text_tokenizer is \w+, '
+                                                 rf'but {copied}/tokenizer has \w+$'):
+    trainer.Trainer(tiny_config, str(tmp_path / 'run'))
+
+
+def test_a_torn_last_metrics_line_is_left_out_and_any_other_bad_line_named(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/loss": 2.0}\n{"step": 3, "tr')
+  log = trainer.MetricsLog(str(tmp_path), resume_step=3)
+  log.close()
+  assert [e['step'] for e in log.entries] == [1, 2]
+  assert path.read_text().splitlines() == ['{"step": 1, "train/loss": 2.5}',
+                                           '{"step": 2, "train/loss": 2.0}']
+  path.write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+  with pytest.raises(trainer.TrainingError, match=rf'^{path}:2: not a metrics entry'):
+    trainer.MetricsLog(str(tmp_path), resume_step=3)

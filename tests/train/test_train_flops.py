@@ -13,6 +13,7 @@ import paths
 
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import flops, steps
+
 BENCHMARK = os.path.join(paths.REPO,
                          'benchmarks', 'train_speed.py')
 spec = importlib.util.spec_from_file_location('train_speed', BENCHMARK)

@@ -13,6 +13,8 @@ from flax import nnx
 from fac_jax.data import conversation, synthetic
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import optim, steps
+
+
 def split_params(cfg, seed=0):
   graphdef, state = nnx.split(fun_audio_chat.create(cfg, seed))
   return graphdef, nnx.to_pure_dict(state)
