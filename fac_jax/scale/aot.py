@@ -174,8 +174,9 @@ def train_program(cfg: ml_collections.ConfigDict, mesh) -> dict:
              'batch': shard_bytes(batch, batch_shardings)},
       rows=cfg.data.batch_size, model_flops=sum(model_flops.values()),
       flops_by_component=model_flops,
-      # Weights read each step: forward, backward and (with remat) the forward again.
-      param_passes=3 if cfg.model.remat_policy != 'none' else 2,
+      # Weights read each step: forward, backward and (full remat) the forward again; the 'dots'
+      # policies keep the matmul outputs, so only cheap elementwise work is recomputed.
+      param_passes=3 if cfg.model.remat_policy == 'full' else 2,
       param_bytes=shard_bytes(params, param_shardings) * mesh.size)
 
 
@@ -383,7 +384,7 @@ def main(argv):
                             flags_.context_seconds, flags_.new_steps)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  report['command'] = ' '.join(sys.argv)
+  report['command'] = ' '.join(['python', *sys.orig_argv[1:]])
   print(format_report(report))
   files.write_atomically(flags_.out, json.dumps(report, indent=1) + '\n')
   print(f'wrote {flags_.out}')

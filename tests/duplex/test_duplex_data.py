@@ -166,7 +166,7 @@ def finetuned(corpus):
 
 def test_duplex_finetune_beats_the_untrained_model(finetuned):
   """Closed-loop turn-taking and interruption handling on held-out timelines (validation voices
-  and items) far above the untrained model's. The longer run's numbers are in docs/duplex.md."""
+  and items) far above the untrained model's."""
   _, _, _, before, after = finetuned
   assert before['turn_taking_success'] <= 0.1 and before['interruption_success'] <= 0.1
   assert after['turn_taking_success'] >= 0.6, after
