@@ -3,7 +3,8 @@
 Each folder is a stage; a module imports only from its own stage or a stage listed before it
 (tests/common/test_layout.py enforces it):
 
-  (top)         config, sharding, batch, files, audio, cli: shared by every stage
+  (top)         config, sharding, batch, files, audio, cli (what the CLIs share), fingerprint
+                (what made a result, for reruns): used by several stages
   model/        the towers and layers: Qwen3, the continuous encoder, Fun-Audio-Chat
   checkpoints/  our checkpoint folder, the official layout, import/export, safetensors, the text
                 tokenizer, Whisper's model.bin
