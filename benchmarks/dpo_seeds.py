@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fac_jax import files, sharding  # noqa: E402
+from fac_jax import files, fingerprint, sharding  # noqa: E402
 from fac_jax.evaluation import spoken_eval  # noqa: E402
 from fac_jax.merging import merge_study  # noqa: E402
 from fac_jax.pipeline import main_job, reports  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv):
   lines += ['', f'Mean {summary["mean_change"]:+.1%}, from {summary["min_change"]:+.1%} to '
             f'{summary["max_change"]:+.1%} over {len(rows)} seeds.']
   record = {'command': [os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]],
-            **reports.git_state(), 'machine': reports.machine(),
+            **fingerprint.git_state(), 'machine': reports.machine(),
             'wall_seconds': time.time() - start, 'results': summary}
   lines += ['', f'Commit {record["commit"]}{" (uncommitted changes)" if record["dirty"] else ""}'
             f', {record["machine"]["cpus"]} CPUs, {record["wall_seconds"]:.0f} s: '

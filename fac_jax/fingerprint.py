@@ -6,6 +6,7 @@ result or refuses, naming the settings that differ (`on_mismatch`: 'redo' or 're
 import hashlib
 import json
 import os
+import subprocess
 
 import jax
 import ml_collections
@@ -15,6 +16,7 @@ from fac_jax import files
 FILE = 'fingerprint.json'  # a folder's record (a checkpoint, a trainer workdir)
 ON_MISMATCH = ('redo', 'refuse')
 _UNSET = '<unset>'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Mismatch(ValueError):
@@ -119,3 +121,13 @@ def read(path: str) -> dict | None:
 def write(path: str, settings: dict) -> None:
   files.write_atomically(path, json.dumps({'fingerprint': digest(settings),
                                            'settings': plain(settings)}, indent=1, sort_keys=True))
+
+
+def git_state(repo: str = REPO) -> dict:
+  """{'commit': HEAD's hash, 'dirty': whether tracked or untracked files differ from it}; both None
+  outside a git checkout."""
+  git = lambda *args: subprocess.run(['git', '-C', repo, *args], capture_output=True, text=True)
+  head = git('rev-parse', 'HEAD')
+  if head.returncode:
+    return {'commit': None, 'dirty': None}
+  return {'commit': head.stdout.strip(), 'dirty': bool(git('status', '--porcelain').stdout)}

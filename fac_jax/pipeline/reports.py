@@ -23,16 +23,15 @@ import platform
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 
 from absl import app, flags
 import jax
 
-from fac_jax import files
+from fac_jax import files, fingerprint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = fingerprint.REPO
 REPORTS = os.path.join(REPO, 'reports')
 RESULTS_FILE = 'results.json'
 BEGIN, END = '<!-- report:begin -->', '<!-- report:end -->'
@@ -42,16 +41,6 @@ LINK = re.compile(r'\]\(([^)\s:]+)\)')
 
 class StaleResults(ValueError):
   """The workdir's results cannot be stored as a report of the checkout's code."""
-
-
-def git_state(repo: str = REPO) -> dict:
-  """{'commit': HEAD's hash, 'dirty': whether tracked or untracked files differ from it}; both None
-  outside a git checkout."""
-  git = lambda *args: subprocess.run(['git', '-C', repo, *args], capture_output=True, text=True)
-  head = git('rev-parse', 'HEAD')
-  if head.returncode:
-    return {'commit': None, 'dirty': None}
-  return {'commit': head.stdout.strip(), 'dirty': bool(git('status', '--porcelain').stdout)}
 
 
 def machine() -> dict:
@@ -74,7 +63,7 @@ def write_results(workdir: str, results: dict, started: float, compute_seconds: 
   stage summed over the invocations that made them."""
   finished = time.time()
   record = {'command': [os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]],
-            **git_state(repo), 'machine': machine(), 'started': started, 'finished': finished,
+            **fingerprint.git_state(repo), 'machine': machine(), 'started': started, 'finished': finished,
             'wall_seconds': finished - started, 'compute_seconds': compute_seconds,
             'report_sha256': _sha256(os.path.join(workdir, 'report.md')), 'results': results}
   # default=float: metrics may be numpy scalars.
@@ -100,7 +89,7 @@ def check_results(workdir: str, name: str, reports_dir: str = REPORTS, repo: str
   report = os.path.join(workdir, 'report.md')
   if not os.path.exists(report) or _sha256(report) != record['report_sha256']:
     raise StaleResults(f'{report} is not the report written with {path}')
-  head = git_state(repo)['commit']
+  head = fingerprint.git_state(repo)['commit']
   if record['commit'] is None:
     raise StaleResults(f'{workdir} was not made in a git checkout: no commit to store it under')
   if record['commit'] != head:

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_flags
 
-from fac_jax import batch as batch_lib, files, sharding
+from fac_jax import batch as batch_lib, files, fingerprint, sharding
 from fac_jax.inference import generate
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import flops, optim, steps
@@ -61,6 +61,8 @@ COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'coll
 DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4,
                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 CODE_SECONDS = 0.2  # one 5 Hz decode step covers 200 ms of speech
+# The streaming detokenizer's first chunk: 15 codes and 3 of look-ahead (fac_jax.inference.streaming).
+FIRST_CHUNK_CODES = 15 + 3
 
 
 def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
@@ -177,6 +179,7 @@ def train_program(cfg: ml_collections.ConfigDict, mesh) -> dict:
       # Weights read each step: forward, backward and (full remat) the forward again; the 'dots'
       # policies keep the matmul outputs, so only cheap elementwise work is recomputed.
       param_passes=3 if cfg.model.remat_policy == 'full' else 2,
+      micro_batches=cfg.train.grad_accum_steps,
       param_bytes=shard_bytes(params, param_shardings) * mesh.size)
 
 
@@ -236,7 +239,16 @@ def decode_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: 
               kinds={'parameters': prefill['kinds']['parameters'],
                      'decoding state (KV caches)': state_bytes},
               rows=sessions, model_flops=sessions * per_session, param_passes=1,
-              param_bytes=prefill['param_bytes'], state_bytes=state_bytes)
+              param_bytes=prefill['param_bytes'], state_bytes=state_bytes,
+              prefill=prefill, prefill_memory=memory_by_kind(compiled_prefill))
+
+
+def memory_by_kind(compiled) -> dict:
+  stats = compiled.memory_analysis()
+  return {'arguments': stats.argument_size_in_bytes,
+          'outputs': stats.output_size_in_bytes - stats.alias_size_in_bytes,
+          'temporaries': stats.temp_size_in_bytes,
+          'code': stats.generated_code_size_in_bytes}
 
 
 def roofline(program: dict, compiled_memory: dict, chip: Chip, chips: int, kind: str) -> dict:
@@ -254,7 +266,9 @@ def roofline(program: dict, compiled_memory: dict, chip: Chip, chips: int, kind:
   hbm_s = hbm_bytes / (chip.hbm_gbps * 1e9)
   # Sharded weights gathered in each pass; in training the gradient is reduce-scattered too.
   gathered = program['param_bytes'] * (chips - 1) / chips
-  ici_bytes = gathered * program['param_passes'] + (gathered if kind == 'train' else 0)
+  # Every micro-batch gathers the weights again; the gradient is reduce-scattered once a step.
+  ici_bytes = (gathered * program['param_passes'] * program.get('micro_batches', 1)
+               + (gathered if kind == 'train' else 0))
   ici_s = ici_bytes / (chip.ici_gbps * 1e9) if chips > 1 else 0.0
   step_s = max(compute_s, hbm_s, ici_s)
   return {'compute_s': compute_s, 'hbm_s': hbm_s, 'ici_s': ici_s, 'step_s': step_s,
@@ -295,11 +309,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
       compiled, refusal = None, str(e).splitlines()[0]
   compile_s = time.time() - start
   if compiled is not None:
-    stats = compiled.memory_analysis()
-    memory = {'arguments': stats.argument_size_in_bytes,
-              'outputs': stats.output_size_in_bytes - stats.alias_size_in_bytes,
-              'temporaries': stats.temp_size_in_bytes,
-              'code': stats.generated_code_size_in_bytes}
+    memory = memory_by_kind(compiled)
   else:  # arguments as placed; temporaries as the compiler's refusal states them
     memory = {'arguments': sum(built['kinds'].values()), 'outputs': 0,
               'temporaries': int(float(needed.group(1)) * GIB), 'code': 0}
@@ -325,9 +335,16 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
   }
   if program == 'decode':
     step = report['roofline_estimate']['step_s']
+    prefill = roofline(built['prefill'], built['prefill_memory'], chip, len(devices), 'prefill')
+    # Speech starts delay_groups steps after the text; the detokenizer then waits for its chunk.
+    steps_to_audio = cfg.model.speech.delay_groups + math.ceil(
+        FIRST_CHUNK_CODES / cfg.model.speech.group_size)
     report['decode'] = {'sessions': sessions, 'context_seconds': context_seconds,
                         'state_bytes_per_chip': built['state_bytes'],
-                        'real_time_factor_floor': step / CODE_SECONDS}
+                        'real_time_factor_floor': step / CODE_SECONDS,
+                        'prefill_floor_s': prefill['step_s'],
+                        'decode_steps_to_first_audio': steps_to_audio,
+                        'first_audio_floor_s': prefill['step_s'] + steps_to_audio * step}
   return report
 
 
@@ -360,7 +377,11 @@ def format_report(report: dict) -> str:
   if 'decode' in report:
     lines.append(f"decode: {report['decode']['sessions']} sessions x "
                  f"{report['decode']['context_seconds']:g} s, real-time factor floor "
-                 f"{report['decode']['real_time_factor_floor']:.3f}")
+                 f"{report['decode']['real_time_factor_floor']:.3f}; first audio after the "
+                 f"prefill of the whole context ({report['decode']['prefill_floor_s'] * 1e3:.1f} ms"
+                 f") and {report['decode']['decode_steps_to_first_audio']} steps: "
+                 f"{report['decode']['first_audio_floor_s'] * 1e3:.1f} ms (floor, detokenizer "
+                 "not counted)")
   return '\n'.join(lines)
 
 
@@ -385,6 +406,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   report['command'] = ' '.join(['python', *sys.orig_argv[1:]])
+  report.update(fingerprint.git_state())
   print(format_report(report))
   files.write_atomically(flags_.out, json.dumps(report, indent=1) + '\n')
   print(f'wrote {flags_.out}')
