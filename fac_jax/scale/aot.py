@@ -342,6 +342,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
     report['decode'] = {'sessions': sessions, 'context_seconds': context_seconds,
                         'state_bytes_per_chip': built['state_bytes'],
                         'real_time_factor_floor': step / CODE_SECONDS,
+                        'prefill_memory_per_chip_bytes': built['prefill_memory'],
                         'prefill_floor_s': prefill['step_s'],
                         'decode_steps_to_first_audio': steps_to_audio,
                         'first_audio_floor_s': prefill['step_s'] + steps_to_audio * step}
@@ -382,6 +383,9 @@ def format_report(report: dict) -> str:
                  f") and {report['decode']['decode_steps_to_first_audio']} steps: "
                  f"{report['decode']['first_audio_floor_s'] * 1e3:.1f} ms (floor, detokenizer "
                  "not counted)")
+    lines.append('prefill per-chip memory: ' + ', '.join(
+        f'{kind} {gib(size)}' for kind, size in
+        report['decode']['prefill_memory_per_chip_bytes'].items()))
   return '\n'.join(lines)
 
 
