@@ -1,6 +1,7 @@
 """The ahead-of-time tool (fac_jax.scale.aot): Cloud names read as chip topologies, collectives
 counted from HLO text, and the tiny config's train and decode programs compiled by the TPU
-compiler (libtpu) for a 4-chip v5p slice, with a report whose parts agree with each other."""
+compiler (libtpu) for a 4-chip v5p slice, with a report whose parts agree with each other; and
+the tables made from stored reports (fac_jax.scale.aot_table)."""
 
 import json
 import math
@@ -12,7 +13,7 @@ import pytest
 
 import paths
 
-from fac_jax.scale import aot
+from fac_jax.scale import aot, aot_table
 
 
 @pytest.mark.parametrize('name, generation, grid', [
@@ -46,21 +47,29 @@ def test_collectives_are_counted_with_their_result_bytes():
   assert found['all-to-all']['count'] == found['collective-permute']['count'] == 0
 
 
+TINY_SEQ_LEN = 128  # configs/tiny.py's data.seq_len
+
+
 @pytest.fixture(scope='module')
 def reports(tmp_path_factory):
   """The tool run as a user runs it, for train and for decode, on the tiny config."""
   out = tmp_path_factory.mktemp('aot')
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD='1', JAX_PLATFORMS='cpu')
   results = {}
-  for program, extra in (('train', []), ('decode', ['--sessions=4', '--context_seconds=20'])):
-    path = out / f'{program}.json'
+  # DRSR off: one speech code a LLM position, so the same conversations take 5 x the positions.
+  no_drsr = ['--config.model.speech.group_size=1', f'--config.data.seq_len={5 * TINY_SEQ_LEN}']
+  for name, program, extra in (('train', 'train', []),
+                               ('decode', 'decode', ['--sessions=4', '--context_seconds=20']),
+                               ('train_k1', 'train', no_drsr)):
+    path = out / f'{name}.json'
     run = subprocess.run(
         [sys.executable, '-m', 'fac_jax.scale.aot', f'--config={paths.TINY_CONFIG}',
          '--topology=v5p:2x2x1', f'--program={program}', f'--out={path}', *extra],
         capture_output=True, text=True, env=env, cwd=paths.REPO, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'roofline ESTIMATE' in run.stdout
-    results[program] = json.loads(path.read_text())
+    results[name] = json.loads(path.read_text())
+  results['folder'] = out
   return results
 
 
@@ -97,3 +106,40 @@ def test_decode_holds_the_caches_of_every_session(reports):
   assert state == decode['decode']['state_bytes_per_chip'] > 0
   assert decode['decode']['real_time_factor_floor'] == \
       decode['roofline_estimate']['step_s'] / aot.CODE_SECONDS
+  assert decode['decode']['first_audio_floor_s'] > decode['decode']['prefill_floor_s'] > 0
+  assert sum(decode['decode']['prefill_memory_per_chip_bytes'].values()) > 0
+
+
+def test_reports_record_the_commit_they_compiled(reports):
+  head = subprocess.run(['git', '-C', paths.REPO, 'rev-parse', 'HEAD'], capture_output=True,
+                        text=True)
+  assert reports['train']['commit'] == (head.stdout.strip() or None)
+
+
+def test_tables_rebuild_each_rows_config_and_pair_drsr_rows(reports):
+  folder = reports['folder']
+  (folder / 'rows.json').write_text(json.dumps(
+      [{'file': f'{name}.json', 'code': f'code of {name}'} for name in
+       ('train', 'train_k1', 'decode')]))
+  rows = aot_table.load_rows(str(folder), paths.REPO)
+  configs = {entry['file']: cfg for entry, _, cfg in rows}
+  assert configs['train_k1.json'].model.speech.group_size == 1
+  assert configs['train_k1.json'].data.seq_len == 5 * TINY_SEQ_LEN
+  assert configs['train.json'].model.speech.group_size == 5
+  text = aot_table.tables(str(folder), paths.REPO)
+  train, drsr, inference = (part for part in text.split('\n\n') if part.startswith('|'))
+  assert 'code of train |' in train and 'code of train_k1' not in train
+  assert 'code of decode' in inference and '4 x 20 s' in inference
+  k1_row = [line for line in drsr.splitlines() if line.startswith('| ') and '| 1 |' in line]
+  assert len(k1_row) == 1 and f'| {5 * TINY_SEQ_LEN} |' in k1_row[0]
+  # The LLM at 25 Hz meets every speech code: more FLOPs for the same conversations.
+  flops_ratio = float(k1_row[0].split('FLOPs x')[1].split(',')[0])
+  assert flops_ratio > 1
+
+
+@pytest.mark.parametrize('rows', ['[{"file": "../train.json", "code": "x"}]',
+                                  '[{"file": "train.json"}]', 'not json'])
+def test_bad_rows_files_are_refused_naming_the_index(tmp_path, rows):
+  (tmp_path / 'rows.json').write_text(rows)
+  with pytest.raises(ValueError, match='rows.json'):
+    aot_table.load_rows(str(tmp_path), paths.REPO)
