@@ -3,10 +3,14 @@
 from fac_jax import config as base
 
 
-def get_config(stage=None):
-  """`configs/tiny.py:<stage>` picks a training stage (default stage1)."""
+def get_config(arg=None):
+  """`configs/tiny.py:<stage>` picks a training stage (default stage1); `:moe` or `:<stage>,moe`
+  makes the LLM a mixture of experts (Fun-Audio-Chat-30B-A3B's structure at the tiny sizes)."""
+  options = arg.split(',') if arg else []
+  use_moe = 'moe' in options
+  stage = next((option for option in options if option != 'moe'), 'stage1')
   config = base.default_config()
-  config.train = base.train_config(stage or 'stage1')
+  config.train = base.train_config(stage)
   # A model trained from scratch on a small corpus: rates 30x the 8B recipe's, same 10x decay;
   # DPO 300x, since a policy this small moves too little at 30x to change its held-out preferences.
   stages = config.pipeline.stages
@@ -28,6 +32,11 @@ def get_config(stage=None):
   # their width, sets the step time.
   model.llm.update(vocab_size=263, num_layers=3, hidden_size=96, num_heads=6, num_kv_heads=2,
                    head_dim=16, mlp_dim=256, rope_theta=5e6)
+  if use_moe:
+    # 8 experts, 2 a token, each half the dense width: the same active feed-forward width (256)
+    # as the dense tiny LLM, four times its feed-forward parameters.
+    model.llm.moe.update(num_experts=8, experts_per_token=2, moe_mlp_dim=128,
+                         norm_topk_prob=True)
   model.speech_refined_head.update(num_layers=2, hidden_size=36, num_heads=3, num_kv_heads=1,
                                    head_dim=10, mlp_dim=61, rope_theta=1e6)
   # 40 mel bins in 1 s windows: with 19 bins in 0.2 s ones the encoder could not tell the

@@ -4,12 +4,27 @@ import ml_collections
 
 
 def decoder_config(**sizes) -> ml_collections.ConfigDict:
-  """A Qwen3 decoder stack; the shared LLM and the speech refined head both use this shape."""
+  """A Qwen3 decoder stack; the shared LLM and the speech refined head both use this shape.
+
+  `moe` makes it a Qwen3-MoE stack (fac_jax.model.moe): layer i is sparse when num_experts > 0,
+  i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0; its feed-forward block is
+  then `experts_per_token` of `num_experts` SwiGLU experts of width moe_mlp_dim (mlp_dim is the
+  width of the dense layers). The fields and their meaning are transformers' Qwen3MoeConfig's.
+  """
   return ml_collections.ConfigDict(dict(
       num_layers=sizes['num_layers'], hidden_size=sizes['hidden_size'],
       num_heads=sizes['num_heads'], num_kv_heads=sizes['num_kv_heads'],
       head_dim=sizes['head_dim'], mlp_dim=sizes['mlp_dim'],
-      rope_theta=sizes['rope_theta'], norm_eps=1e-6))
+      rope_theta=sizes['rope_theta'], norm_eps=1e-6,
+      moe=ml_collections.ConfigDict(dict(
+          num_experts=0,  # 0: every layer dense
+          experts_per_token=0, moe_mlp_dim=0,
+          # Whether the top-k weights are divided by their sum: transformers' default is no,
+          # Qwen3-30B-A3B's config says yes.
+          norm_topk_prob=False,
+          decoder_sparse_step=1, mlp_only_layers=(),
+          # x the load-balancing loss, added to the training loss
+          router_aux_loss_coef=0.001))))
 
 
 # Training stages of DESIGN.md section 2: what each trains and its learning-rate range.
@@ -132,8 +147,9 @@ def default_config() -> ml_collections.ConfigDict:
       encoder=ml_collections.ConfigDict(), data=ml_collections.ConfigDict(),
       stage_data=ml_collections.ConfigDict()))  # stage name -> data fields of that stage alone
 
-  # Device mesh: -1 fills with the remaining devices.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Device mesh: -1 fills with the remaining devices. `expert` splits the experts of MoE layers
+  # (tokens go to their experts' devices by all-to-all) and, like data and fsdp, the batch.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
 
   config.seed = 0
   return config

@@ -1,21 +1,28 @@
-"""Device mesh and the one table that maps logical array axes to mesh axes (data, fsdp, tensor)."""
+"""Device mesh and the one table that maps logical array axes to mesh axes (data, fsdp, expert,
+tensor)."""
 
 from collections.abc import Sequence
 import math
+from typing import NamedTuple
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from flax import nnx
 import ml_collections
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+# Ordered outermost first: jax.make_mesh puts the last axes on the closest devices, so tensor's
+# per-layer collectives and then the experts' all-to-all travel the shortest links.
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 # Logical axis -> mesh axes. Modules name logical axes only; nothing else names a mesh axis.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
-    'batch': ('data', 'fsdp'),
+    # The expert axis splits the batch too: outside the MoE blocks it is one more data axis.
+    'batch': ('data', 'fsdp', 'expert'),
     'length': (),
     'embed': ('fsdp',),
     'mlp': ('tensor',),
+    'experts': ('expert',),  # expert weights also split 'embed' over fsdp, as dense ones do
+    'expert_mlp': ('tensor',),
     'heads': ('tensor',),
     'kv_heads': ('tensor',),
     'vocab': ('tensor',),
@@ -34,9 +41,10 @@ LogicalAxes = Sequence[str | None]
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """A mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+  """A mesh over MESH_AXES; one size may be -1 to take the remaining devices, an axis the config
+  leaves out has size 1."""
   devices = jax.devices() if devices is None else devices
-  sizes = [int(mesh_config[name]) for name in MESH_AXES]
+  sizes = [int(mesh_config.get(name, 1)) for name in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f'mesh config {dict(mesh_config)}: at most one axis may be -1')
   known = math.prod(s for s in sizes if s != -1)
@@ -53,7 +61,7 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.shard
 
 
 def mesh_from_flag(spec: str) -> jax.sharding.Mesh:
-  """A mesh from a command-line spec such as 'data:1,fsdp:-1,tensor:1'."""
+  """A mesh from a command-line spec such as 'data:1,fsdp:-1,tensor:1' (expert: 1 unless named)."""
   return make_mesh(ml_collections.ConfigDict(
       {name: int(size) for name, size in (part.split(':') for part in spec.split(','))}))
 
@@ -62,7 +70,7 @@ def mesh_in_scope() -> jax.sharding.Mesh:
   """The mesh set by `jax.set_mesh`, or a one-device mesh when none is."""
   mesh = jax.sharding.get_mesh()
   if mesh is None or mesh.empty:
-    mesh = make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+    mesh = make_mesh(ml_collections.ConfigDict(), jax.devices()[:1])
   return mesh
 
 
@@ -153,8 +161,52 @@ def attention_specs(q_shape: Sequence[int], kv_shape: Sequence[int]
   return q, kv, PartitionSpec(q[0], None)
 
 
+class ExpertSpecs(NamedTuple):
+  """How the MoE experts run per shard (fac_jax.model.moe): shard_map specs of the tokens
+  (B, T, D), which also serves their routes (B, T, k), split as the batch is; of gate and up
+  (E, D, F) and down (E, F, D), split over 'experts' and 'expert_mlp' only (fsdp's split of
+  'embed' is gathered first, as for any layer); and the mesh axes that split the experts, the
+  tokens and F. Axes of size 1 are left out: they split nothing, and shard_map would take values
+  as varying over them."""
+  tokens: PartitionSpec
+  gate_up: PartitionSpec
+  down: PartitionSpec
+  expert_axes: tuple[str, ...]
+  token_axes: tuple[str, ...]
+  mlp_axes: tuple[str, ...]
+
+
+def _split_axes(entry, mesh) -> tuple[str, ...]:
+  """The mesh axes of size > 1 in one PartitionSpec entry."""
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+
+
+def _spec_entry(axes: tuple[str, ...]):
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def expert_specs(tokens_shape: Sequence[int], gate_shape: Sequence[int]) -> ExpertSpecs | None:
+  """ExpertSpecs over the mesh in scope for tokens (B, T, D) and gate weights (E, D, F); None
+  when no mesh is set."""
+  if not mesh_is_set():
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  token_axes = _split_axes(logical_to_spec(('batch',), tokens_shape[:1], mesh)[0], mesh)
+  gate_up = logical_to_spec(('experts', None, 'expert_mlp'), gate_shape, mesh)
+  expert_axes, mlp_axes = _split_axes(gate_up[0], mesh), _split_axes(gate_up[2], mesh)
+  tokens, experts, mlp = (_spec_entry(axes) for axes in (token_axes, expert_axes, mlp_axes))
+  return ExpertSpecs(PartitionSpec(tokens, None, None), PartitionSpec(experts, None, mlp),
+                     PartitionSpec(experts, mlp, None), expert_axes, token_axes, mlp_axes)
+
+
+def batch_shards(mesh) -> int:
+  """How many ways the mesh splits a batch (the product of the axes 'batch' maps to)."""
+  return math.prod(mesh.shape[axis] for axis in LOGICAL_AXIS_RULES['batch'])
+
+
 def batch_shardings(batch, mesh: jax.sharding.Mesh):
-  """Batch arrays (any pytree of them) are split over (data, fsdp) along their first axis,
-  replicated otherwise."""
+  """Batch arrays (any pytree of them) are split over (data, fsdp, expert) along their first
+  axis, replicated otherwise."""
   return jax.tree.map(lambda value: NamedSharding(mesh, logical_to_spec(
       ('batch',) + (None,) * (value.ndim - 1), value.shape, mesh)), batch)

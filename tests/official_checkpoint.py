@@ -4,7 +4,9 @@ Test helper: the folder has what FunAudioLLM/Fun-Audio-Chat-8B ships (config.jso
 `funaudiochat` schema, sharded safetensors with an index, Qwen tokenizer files, processor and
 feature-extractor configs), at sizes where every dimension differs from the others, so a swapped
 axis or a misread field cannot pass. The PyTorch modules returned with it hold exactly the saved
-weights, so each component of our port can be compared with the Hugging Face one.
+weights, so each component of our port can be compared with the Hugging Face one. With
+`moe=True` the LLM is a Qwen3-MoE (transformers' Qwen3MoeForCausalLM), its experts saved one
+tensor each as the released files keep them (transformers fuses them only in memory).
 """
 
 import copy
@@ -47,9 +49,19 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
 
 DTYPE_NAMES = {torch.float32: 'float32', torch.bfloat16: 'bfloat16'}
 
+# The MoE LLM's text config fields (Qwen3-MoE). rope_theta is one no default config holds, so a
+# test can tell that it was read.
+MOE_TEXT_CONFIG = {
+    'model_type': 'qwen3_moe', 'num_experts': 7, 'num_experts_per_tok': 3,
+    'moe_intermediate_size': 34, 'norm_topk_prob': True, 'decoder_sparse_step': 1,
+    'mlp_only_layers': [], 'router_aux_loss_coef': 0.001, 'output_router_logits': False,
+    'rope_theta': 3000000.0,
+}
 
-def official_config(dtype_name: str = 'float32') -> dict:
-  """config.json of the tiny checkpoint, field for field as the official `funaudiochat` schema."""
+
+def official_config(dtype_name: str = 'float32', moe: bool = False) -> dict:
+  """config.json of the tiny checkpoint, field for field as the official `funaudiochat` schema;
+  with `moe`, its text config a Qwen3-MoE's."""
   crq = {
       'attention_bias': False, 'head_dim': 10, 'hidden_act': 'silu', 'hidden_size': CRQ_HIDDEN,
       'intermediate_size': 62, 'max_position_embeddings': 2048, 'model_type': 'qwen3',
@@ -80,6 +92,8 @@ def official_config(dtype_name: str = 'float32') -> dict:
       'rope_theta': 5000000.0, 'sil_index': SPECIAL_IDS['<|sil|>'], 'sliding_window': None,
       'use_cache': False, 'use_sliding_window': False, 'vocab_size': TEXT_VOCAB,
   }
+  if moe:
+    text.update(MOE_TEXT_CONFIG)
   return {
       'architectures': ['FunAudioChatForConditionalGeneration'], 'audio_config': audio,
       'audio_token_index': SPECIAL_IDS['<|AUDIO|>'], 'hidden_size': TEXT_HIDDEN,
@@ -89,20 +103,80 @@ def official_config(dtype_name: str = 'float32') -> dict:
 
 
 def _qwen3_config(c: dict, **overrides) -> transformers.Qwen3Config:
-  return transformers.Qwen3Config(
+  """transformers' config of a Qwen3 stack (a Qwen3-MoE one where `c` has experts)."""
+  kind, moe = transformers.Qwen3Config, {}
+  if c.get('num_experts'):
+    kind = transformers.Qwen3MoeConfig
+    moe = {name: c[name] for name in ('num_experts', 'num_experts_per_tok',
+                                      'moe_intermediate_size', 'norm_topk_prob',
+                                      'decoder_sparse_step', 'mlp_only_layers',
+                                      'router_aux_loss_coef')}
+    # The per-expert loop: the reference plainest to read (and grouped_mm refuses odd widths).
+    moe['experts_implementation'] = 'eager'
+  return kind(
       vocab_size=c['vocab_size'], hidden_size=c['hidden_size'],
       intermediate_size=c['intermediate_size'], num_hidden_layers=c['num_hidden_layers'],
       num_attention_heads=c['num_attention_heads'], num_key_value_heads=c['num_key_value_heads'],
       head_dim=c['head_dim'], max_position_embeddings=c['max_position_embeddings'],
       rms_norm_eps=c['rms_norm_eps'], rope_theta=c['rope_theta'], attention_bias=False,
-      use_sliding_window=False, **overrides)
+      use_sliding_window=False, **moe, **overrides)
+
+
+def causal_lm(c: dict) -> transformers.PreTrainedModel:
+  """transformers' causal LM of a text config: Qwen3ForCausalLM, or Qwen3MoeForCausalLM."""
+  kind = (transformers.Qwen3MoeForCausalLM if c.get('num_experts')
+          else transformers.Qwen3ForCausalLM)
+  return kind(_qwen3_config(c, tie_word_embeddings=False))
+
+
+# transformers' fused expert parameters of a Qwen3-MoE layer; the files hold one tensor an expert.
+FUSED_GATE_UP, FUSED_DOWN = 'mlp.experts.gate_up_proj', 'mlp.experts.down_proj'
+
+
+def unfuse_experts(state: dict) -> dict:
+  """A Qwen3-MoE state dict with transformers' fused experts (gate_up_proj [E, 2F, D], gate
+  then up; down_proj [E, D, F]) as the files keep them: mlp.experts.{e}.{gate,up,down}_proj.weight,
+  [F, D], [F, D] and [D, F]."""
+  out = {}
+  for key, value in state.items():
+    if key.endswith(FUSED_GATE_UP):
+      stem = key[:-len(FUSED_GATE_UP)]
+      for e, fused in enumerate(value):
+        gate, up = fused.chunk(2)
+        out[f'{stem}mlp.experts.{e}.gate_proj.weight'] = gate
+        out[f'{stem}mlp.experts.{e}.up_proj.weight'] = up
+    elif key.endswith(FUSED_DOWN):
+      stem = key[:-len(FUSED_DOWN)]
+      for e, down in enumerate(value):
+        out[f'{stem}mlp.experts.{e}.down_proj.weight'] = down
+    else:
+      out[key] = value
+  return out
+
+
+def fuse_experts(state: dict) -> dict:
+  """The inverse of `unfuse_experts` for tensors: per-expert file tensors -> transformers'
+  fused parameters."""
+  experts, out = {}, {}
+  for key, value in state.items():
+    stem, found, rest = key.partition('mlp.experts.')
+    if not found:
+      out[key] = value
+      continue
+    expert, name, _ = rest.split('.')
+    experts.setdefault(stem, {}).setdefault(name, {})[int(expert)] = value
+  for stem, names in experts.items():
+    order = sorted(names['down_proj'])
+    out[stem + FUSED_GATE_UP] = torch.stack(
+        [torch.cat([names['gate_proj'][e], names['up_proj'][e]]) for e in order])
+    out[stem + FUSED_DOWN] = torch.stack([names['down_proj'][e] for e in order])
+  return out
 
 
 def build_modules(config: dict) -> dict:
   """The three Hugging Face modules of the checkpoint, with their own (to be replaced) weights."""
   audio = config['audio_config']
-  language_model = transformers.Qwen3ForCausalLM(
-      _qwen3_config(config['text_config'], tie_word_embeddings=False))
+  language_model = causal_lm(config['text_config'])
   refined_head_stack = transformers.Qwen3Model(_qwen3_config(audio['crq_transformer_config']))
   del refined_head_stack.embed_tokens  # as the official does: it is fed inputs_embeds only
   encoder = modeling_qwen2_5_omni.Qwen2_5OmniAudioEncoder(
@@ -125,7 +199,7 @@ def official_shapes(config: dict, modules: dict, with_srh_lm_head: bool) -> dict
   """Official key -> shape, in the order the shards are filled."""
   shapes = {}
   for name in ('encoder', 'language_model', 'refined_head_stack'):
-    for key, value in modules[name].state_dict().items():
+    for key, value in unfuse_experts(modules[name].state_dict()).items():
       if 'positional_embedding' not in key:  # a computed table, not in the official file
         shapes[PREFIXES[name] + key] = tuple(value.shape)
   hidden = config['text_config']['hidden_size']
@@ -293,8 +367,9 @@ def write_processor_files(out_dir: str, config: dict) -> None:
 
 
 def write_official_checkpoint(out_dir, *, seed=0, max_shard_bytes=200_000, with_srh_lm_head=False,
-                              dtype=torch.float32) -> dict:
-  """Writes the tiny random official-layout checkpoint into out_dir.
+                              dtype=torch.float32, moe=False) -> dict:
+  """Writes the tiny random official-layout checkpoint into out_dir (with `moe`, its LLM a
+  Qwen3-MoE).
 
   Returns {'config', 'language_model', 'refined_head_stack', 'encoder' (float32 torch modules in
   eval mode holding the saved weights), 'tensors' (key -> float32 numpy of every saved tensor),
@@ -304,7 +379,7 @@ def write_official_checkpoint(out_dir, *, seed=0, max_shard_bytes=200_000, with_
     raise ValueError(f'dtype must be torch.float32 or torch.bfloat16, got {dtype}')
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  config = official_config(DTYPE_NAMES[dtype])
+  config = official_config(DTYPE_NAMES[dtype], moe)
   _write_json(out_dir, 'config.json', config)
 
   modules = build_modules(config)
@@ -313,8 +388,9 @@ def write_official_checkpoint(out_dir, *, seed=0, max_shard_bytes=200_000, with_
   as_float32 = {key: tensor.float() for key, tensor in tensors.items()}
   for name, prefix in PREFIXES.items():
     module = modules[name]
-    module.load_state_dict({key[len(prefix):]: value for key, value in as_float32.items()
-                            if key.startswith(prefix)}, strict=True)
+    module.load_state_dict(fuse_experts({key[len(prefix):]: value
+                                         for key, value in as_float32.items()
+                                         if key.startswith(prefix)}), strict=True)
     module.float().eval()
 
   write_tokenizer(out_dir)

@@ -154,7 +154,12 @@ def load_config(ckpt_dir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{ckpt_dir} is not a complete fac_jax checkpoint (needs config.json '
                             f'and {PARAMS}/)')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)['model'])
+    # JSON has no tuples: sequences come back as the configs write them (moe.mlp_only_layers).
+    return ml_collections.ConfigDict(json.load(f, object_hook=_lists_as_tuples)['model'])
+
+
+def _lists_as_tuples(mapping: dict) -> dict:
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
 
 
 def release_freed_memory() -> None:

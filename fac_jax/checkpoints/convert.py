@@ -70,6 +70,42 @@ def read_official_config(hf_dir: str, require_tokenizer: bool = False
   return hf_config, cfg
 
 
+def check_experts(tensors: safetensors_io.Checkpoint, maps, llm: ml_collections.ConfigDict
+                  ) -> None:
+  """Refuses, in one line naming the file, the tensor and what config.json expects, experts that
+  are missing, beyond config.json's count, or routers of the wrong shape (before anything is
+  built from the config)."""
+  expert_maps = [m for m in maps if m.path[0] == 'llm' and len(m.stack) == 2]
+  if not expert_maps:
+    return
+  num_experts = expert_maps[0].stack[1]
+  index = os.path.join(tensors.folder, safetensors_io.INDEX_NAME)
+  listing = index if os.path.exists(index) else tensors.folder
+  promise = (f"config.json's text_config.num_experts is {num_experts} (experts 0 to "
+             f'{num_experts - 1} in every layer)')
+  found = set(tensors.keys())
+  for m in expert_maps:
+    for i, key in enumerate(m.keys):
+      if key not in found:
+        layer, expert = np.unravel_index(i, m.stack)
+        raise CheckpointError(f'{listing}: no tensor {key} (expert {expert} of layer {layer}); '
+                              f'{promise}')
+  expected = {k for m in expert_maps for k in m.keys}
+  for key in sorted(found - expected):
+    match = official_layout.EXPERT_KEY.search(key)
+    if match:
+      raise CheckpointError(f'{tensors.path(key)}: tensor {key} is expert {match[2]} of layer '
+                            f'{match[1]}, beyond what the config expects: {promise}')
+  want = (num_experts, llm.hidden_size)
+  for m in maps:
+    if m.path[0] == 'llm' and m.path[-3:] == ('moe', 'router', 'kernel'):
+      for key in m.keys:
+        if key in found and tensors.shape(key) != want:
+          raise CheckpointError(f'{tensors.path(key)}: tensor {key} has shape '
+                                f'{list(tensors.shape(key))}; expected {list(want)} '
+                                f'(num_experts, hidden_size): {promise}')
+
+
 def check_tensors(tensors: safetensors_io.Checkpoint, maps, abstract_params: dict) -> None:
   """Refuses, listing every problem, if keys are missing or unexpected or shapes differ."""
   expected = {k for m in maps for k in m.keys}
@@ -107,7 +143,11 @@ def import_checkpoint(hf_dir: str, out: str, dtype: str | None = None,
     tensors = safetensors_io.Checkpoint(hf_dir)
   except safetensors_io.FormatError as e:
     raise CheckpointError(str(e)) from None
-  maps = official_layout.fun_audio_chat_maps(cfg)
+  try:
+    maps = official_layout.fun_audio_chat_maps(cfg)
+  except ValueError as e:  # a layout the model cannot hold, e.g. dense and MoE layers mixed
+    raise CheckpointError(f'{hf_dir}/config.json: {e}') from None
+  check_experts(tensors, maps, cfg.llm)
   _, abstract_state = nnx.split(fun_audio_chat.abstract_model(cfg))
   abstract_params = nnx.to_pure_dict(abstract_state)
   check_tensors(tensors, maps, abstract_params)
@@ -185,7 +225,7 @@ def export_checkpoint(ckpt: str, out: str, max_shard_bytes: int = 5 << 30,
       leaf = np.asarray(jax.device_get(official_layout.at_path(reader.load(paths=[m.path]),
                                                                m.path)))
       for i in range(len(m.keys)):
-        yield official_layout.relayout(leaf[i] if m.stacked else leaf, m.layout)
+        yield official_layout.official_tensor(leaf, m, i)
       del leaf
       checkpoint.release_freed_memory()
     if unused is not None:

@@ -2,23 +2,70 @@
 
 The one place that knows official names (DESIGN.md section 4). A PyTorch Linear weight [out, in]
 is our kernel [in, out]; a Conv1d weight [out, in, k] is our kernel [k, in, out]; layers that we
-stack on a leading axis are separate tensors there, one per layer.
+stack on a leading axis are separate tensors there, one per layer, and so are the experts of a
+mixture-of-experts layer, which we stack on a second axis (Qwen3-MoE: `mlp.gate` the router,
+`mlp.experts.{e}.{gate,up,down}_proj` the experts).
 """
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import itertools
 import json
+import re
 
 import ml_collections
 import numpy as np
+
+from fac_jax.model import moe
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
   path: tuple[str, ...]  # in our parameter tree
-  keys: tuple[str, ...]  # official names: one, or one per stacked layer
+  keys: tuple[str, ...]  # official names: one, or one per entry of `stack` in C order
   layout: str  # 'linear' | 'conv1d' | 'same'
-  stacked: bool = False
+  # Sizes of our leaf's leading axes whose entries are separate official tensors: () for one
+  # tensor, (layers,) for stacked layers, (layers, experts) for the experts of MoE layers.
+  stack: tuple[int, ...] = ()
+
+
+# Qwen3-MoE text config.json field -> our `moe` config field.
+MOE_FIELDS = {'num_experts': 'num_experts', 'num_experts_per_tok': 'experts_per_token',
+              'moe_intermediate_size': 'moe_mlp_dim', 'norm_topk_prob': 'norm_topk_prob',
+              'decoder_sparse_step': 'decoder_sparse_step', 'mlp_only_layers': 'mlp_only_layers',
+              'router_aux_loss_coef': 'router_aux_loss_coef'}
+
+
+def _field_place(c: dict, name: str) -> tuple[dict, str]:
+  """Where config dict `c` keeps field `name`: under its name, or where transformers 5 writes it
+  (rope_theta inside rope_parameters, num_experts as num_local_experts)."""
+  if name not in c:
+    if name == 'num_experts' and 'num_local_experts' in c:
+      return c, 'num_local_experts'
+    if name == 'rope_theta' and 'rope_theta' in (c.get('rope_parameters') or {}):
+      return c['rope_parameters'], 'rope_theta'
+  return c, name
+
+
+def official_field(c: Mapping, name: str, *default):
+  """Field `name` of a transformers config dict wherever its version keeps it; `default` (or a
+  KeyError naming the field) if absent."""
+  node, key = _field_place(c, name)
+  if key in node:
+    return node[key]
+  if default:
+    return default[0]
+  raise KeyError(name)
+
+
+def set_official_field(c: dict, name: str, value) -> None:
+  """Writes field `name` where `c` keeps it (under its name if nowhere yet)."""
+  node, key = _field_place(c, name)
+  node[key] = value
+
+
+# An official expert tensor's name: its layer and expert.
+EXPERT_KEY = re.compile(r'\.layers\.(\d+)\.mlp\.experts\.(\d+)\.')
 
 
 def at_path(tree: Mapping, path: tuple[str, ...]):
@@ -42,8 +89,20 @@ def _linear(path, key, bias=False):
 
 def _stacked(maps, num_layers, layer_prefix):
   """Per-layer maps (keys relative to a layer) -> stacked maps over num_layers layers."""
-  return [TensorMap(m.path, tuple(f'{layer_prefix}.{i}.{m.keys[0]}' for i in range(num_layers)),
-                    m.layout, stacked=True) for m in maps]
+  return [TensorMap(m.path, tuple(f'{layer_prefix}.{i}.{key}' for i in range(num_layers)
+                                  for key in m.keys), m.layout, (num_layers,) + m.stack)
+          for m in maps]
+
+
+def _moe_layer_maps(moe_cfg: ml_collections.ConfigDict) -> list[TensorMap]:
+  """One MoE layer (Qwen3-MoE `Qwen3MoeSparseMoeBlock`): the router, and each expert's SwiGLU
+  projections as separate tensors that we stack on an expert axis."""
+  maps = _linear(('moe', 'router'), 'mlp.gate')
+  for name in ('gate_proj', 'up_proj', 'down_proj'):
+    maps.append(TensorMap(('moe', name), tuple(f'mlp.experts.{e}.{name}.weight'
+                                               for e in range(moe_cfg.num_experts)),
+                          'linear', (moe_cfg.num_experts,)))
+  return maps
 
 
 def decoder_stack_maps(cfg: ml_collections.ConfigDict, layer_prefix: str, norm_key: str,
@@ -54,8 +113,11 @@ def decoder_stack_maps(cfg: ml_collections.ConfigDict, layer_prefix: str, norm_k
     layer += _linear(('attention', name), f'self_attn.{name}')
   layer += [TensorMap(('attention', 'q_norm', 'scale'), ('self_attn.q_norm.weight',), 'same'),
             TensorMap(('attention', 'k_norm', 'scale'), ('self_attn.k_norm.weight',), 'same')]
-  for name in ('gate_proj', 'up_proj', 'down_proj'):
-    layer += _linear(('mlp', name), f'mlp.{name}')
+  if moe.is_sparse_stack(cfg):  # a ValueError if it would mix dense and MoE layers
+    layer += _moe_layer_maps(cfg.moe)
+  else:
+    for name in ('gate_proj', 'up_proj', 'down_proj'):
+      layer += _linear(('mlp', name), f'mlp.{name}')
   layer += [TensorMap(('input_norm', 'scale'), ('input_layernorm.weight',), 'same'),
             TensorMap(('post_attention_norm', 'scale'), ('post_attention_layernorm.weight',),
                       'same')]
@@ -129,7 +191,7 @@ def load_params(tensors: Mapping[str, np.ndarray], maps: list[TensorMap]) -> dic
     node = params
     for name in m.path[:-1]:
       node = node.setdefault(name, {})
-    full = (slice(None),) * (np.ndim(tensors[m.keys[0]]) + m.stacked)
+    full = (slice(None),) * (np.ndim(tensors[m.keys[0]]) + len(m.stack))
     node[m.path[-1]] = read_block(tensors.__getitem__, m, full)
   return params
 
@@ -148,10 +210,16 @@ def config_from_official(hf_config: Mapping,
     return dict(num_layers=c['num_hidden_layers'], hidden_size=c['hidden_size'],
                 num_heads=c['num_attention_heads'], num_kv_heads=c['num_key_value_heads'],
                 head_dim=c.get('head_dim') or c['hidden_size'] // c['num_attention_heads'],
-                mlp_dim=c['intermediate_size'], rope_theta=float(c['rope_theta']),
-                norm_eps=c['rms_norm_eps'])
+                mlp_dim=c['intermediate_size'],
+                rope_theta=float(official_field(c, 'rope_theta')), norm_eps=c['rms_norm_eps'])
 
   cfg.llm.update(vocab_size=text['vocab_size'], **decoder(text))
+  if official_field(text, 'num_experts', 0):  # Qwen3-MoE: every field read, none assumed
+    cfg.llm.moe.update({ours: official_field(text, theirs) for theirs, ours in MOE_FIELDS.items()
+                        if ours != 'mlp_only_layers'},
+                       mlp_only_layers=tuple(official_field(text, 'mlp_only_layers')))
+  else:
+    cfg.llm.moe.num_experts = 0
   cfg.speech_refined_head.update(decoder(head))
   cfg.encoder.update(num_mel_bins=audio['num_mel_bins'], hidden_size=audio['d_model'],
                      num_layers=audio['encoder_layers'],
@@ -171,28 +239,38 @@ def config_from_official(hf_config: Mapping,
 
 def official_shape(our_shape: tuple[int, ...], m: TensorMap) -> tuple[int, ...]:
   """Shape of one official tensor of map `m`, given our leaf's shape."""
-  shape = tuple(our_shape[1:] if m.stacked else our_shape)
+  shape = tuple(our_shape[len(m.stack):])
   return tuple(reversed(shape)) if m.layout in ('linear', 'conv1d') else shape
+
+
+def official_tensor(leaf: np.ndarray, m: TensorMap, i: int) -> np.ndarray:
+  """The official tensor `m.keys[i]` out of our whole leaf (a view where the layout allows)."""
+  return relayout(leaf[np.unravel_index(i, m.stack)] if m.stack else leaf, m.layout)
 
 
 def read_block(read: Callable[[str], np.ndarray], m: TensorMap, index: tuple,
                dtype=None) -> np.ndarray:
   """The block `index` (slices in our layout) of our leaf for map `m`, as one contiguous array.
 
-  Only that part of each official tensor is read. Stacked layers are copied one at a time into
-  the result, so with memory-mapped tensors at most one layer's pages are mapped at once.
+  Only that part of each official tensor is read. Stacked layers (and experts) are copied one
+  tensor at a time into the result, so with memory-mapped tensors at most one tensor's pages are
+  mapped at once beyond the result.
   """
-  keys, index = (m.keys[index[0]], tuple(index[1:])) if m.stacked else (m.keys, tuple(index))
-  their_index = tuple(reversed(index)) if m.layout in ('linear', 'conv1d') else index
+  depth = len(m.stack)
+  inner = tuple(index[depth:])
+  their_index = tuple(reversed(inner)) if m.layout in ('linear', 'conv1d') else inner
   block = lambda key: relayout(read(key)[their_index], m.layout)
-  if not m.stacked:
-    return np.ascontiguousarray(block(keys[0]), dtype=dtype)
-  first = block(keys[0])
-  out = np.empty((len(keys),) + first.shape, dtype or first.dtype)
-  out[0] = first
-  del first
-  for i, key in enumerate(keys[1:], start=1):
-    out[i] = block(key)
+  if not depth:
+    return np.ascontiguousarray(block(m.keys[0]), dtype=dtype)
+  chosen = [range(*s.indices(n)) for s, n in zip(index[:depth], m.stack)]
+  out = None
+  for position in itertools.product(*(range(len(r)) for r in chosen)):
+    value = block(m.keys[np.ravel_multi_index([r[p] for r, p in zip(chosen, position)],
+                                              m.stack)])
+    if out is None:
+      out = np.empty(tuple(map(len, chosen)) + value.shape, dtype or value.dtype)
+    out[position] = value
+    del value
   return out
 
 
@@ -212,10 +290,17 @@ def config_to_official(cfg: ml_collections.ConfigDict, template: Mapping) -> dic
   out['model_type'] = 'funaudiochat'
   out['hidden_size'] = cfg.llm.hidden_size
   out['audio_token_index'] = cfg.tokens.audio
-  text.update(decoder(cfg.llm), vocab_size=cfg.llm.vocab_size,
-              audio_bos_index=cfg.tokens.audio_bos, audio_eos_index=cfg.tokens.audio_eos,
-              sil_index=cfg.tokens.sil)
-  head.update(decoder(cfg.speech_refined_head))
+  fields = dict(decoder(cfg.llm), vocab_size=cfg.llm.vocab_size,
+                audio_bos_index=cfg.tokens.audio_bos, audio_eos_index=cfg.tokens.audio_eos,
+                sil_index=cfg.tokens.sil)
+  moe_cfg = cfg.llm.get('moe')  # None in configs written before MoE
+  if moe_cfg is not None and moe_cfg.num_experts:
+    fields.update({theirs: moe_cfg[ours] for theirs, ours in MOE_FIELDS.items()},
+                  model_type='qwen3_moe', mlp_only_layers=list(moe_cfg.mlp_only_layers))
+  for name, value in fields.items():
+    set_official_field(text, name, value)
+  for name, value in decoder(cfg.speech_refined_head).items():
+    set_official_field(head, name, value)
   enc = cfg.encoder
   audio.update(num_mel_bins=enc.num_mel_bins, d_model=enc.hidden_size,
                encoder_layers=enc.num_layers, num_hidden_layers=enc.num_layers,

@@ -79,15 +79,17 @@ def prefill(model, prompt_ids: jax.Array, cfg: ml_collections.ConfigDict, loop: 
   text_embedding = model.llm.embed_tokens(prompt_ids)
   dtype = text_embedding.dtype
   llm_valid = jnp.zeros((batch, slots), bool).at[:, :length].set(True)
-  hidden, llm_cache = model.llm.decoder.decode(
-      text_embedding, positions, qwen3.init_cache(cfg.llm, batch, slots, dtype), llm_valid)
+  hidden, llm_cache = model.llm.decoder.prefill(
+      text_embedding, positions, jnp.ones((batch, length), jnp.int32),
+      qwen3.init_cache(cfg.llm, batch, slots, dtype))
   head = model.speech_refined_head
   head_valid = jnp.zeros((batch, group * slots), bool).at[:, :group * length].set(True)
   pad_embedding = model.adapters.code_embedding(jnp.full((batch,), pad))
   sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
-  _, head_cache = head.decode(
+  _, head_cache = head.prefill(
       head.split(hidden + text_embedding) + pad_embedding[:, None], sub_positions,
-      qwen3.init_cache(cfg.speech_refined_head, batch, group * slots, dtype), head_valid,
+      jnp.ones((batch, group * length), jnp.int32),
+      qwen3.init_cache(cfg.speech_refined_head, batch, group * slots, dtype),
       model.adapters.code_embedding)
   return {
       'key': key,

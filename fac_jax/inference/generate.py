@@ -27,20 +27,24 @@ class GenerationConfig:
 
 
 def _code_group(model, split, sub_positions, previous_code_embedding, cache, valid, history,
-                key, s: Sampling):
+                key, s: Sampling, prefill: bool = False):
   """The refined head's five sub-steps for the last LLM position of `split` (B, 5n, D).
 
-  The first call also runs every earlier sub-slot (the prompt, at prefill), each plus the
-  previous code's embedding, as the official loop does. `history` (B, H) holds the codes spoken
-  so far (-1 empty), for the repetition penalty. Returns (codes (B, 5), embedding of the last
-  code, cache, logits (B, 5, codebook)).
+  The first call also runs every earlier sub-slot (the prompt, at prefill, into the empty
+  cache), each plus the previous code's embedding, as the official loop does. `history` (B, H)
+  holds the codes spoken so far (-1 empty), for the repetition penalty. Returns (codes (B, 5),
+  embedding of the last code, cache, logits (B, 5, codebook)).
   """
   head, embedding = model.speech_refined_head, model.adapters.code_embedding
   group, slots = head.group_size, split.shape[1]
   keys = jax.random.split(key, group)
   first = slots - (group - 1)
-  logits, cache = head.decode(split[:, :first] + previous_code_embedding[:, None],
-                              sub_positions[:, :first], cache, valid, embedding)
+  inputs = split[:, :first] + previous_code_embedding[:, None]
+  if prefill:
+    logits, cache = head.prefill(inputs, sub_positions[:, :first],
+                                 valid[:, :first].astype(jnp.int32), cache, embedding)
+  else:
+    logits, cache = head.decode(inputs, sub_positions[:, :first], cache, valid, embedding)
   codes, all_logits = [select(keys[0], logits[:, -1], history, s)], [logits[:, -1]]
   for j in range(1, group):
     slot = slots - group + j
@@ -68,9 +72,9 @@ def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collection
 
   inputs, head_text = model.embed_inputs(prompt, training=False)
   llm_valid = jnp.zeros((batch, prompt_len + steps), bool).at[:, :prompt_len].set(valid)
-  hidden, llm_cache = model.llm.decoder.decode(
-      inputs, positions, qwen3.init_cache(cfg.llm, batch, prompt_len + steps, inputs.dtype),
-      llm_valid)
+  hidden, llm_cache = model.llm.decoder.prefill(
+      inputs, positions, valid.astype(jnp.int32),
+      qwen3.init_cache(cfg.llm, batch, prompt_len + steps, inputs.dtype))
   text_history = jnp.full((batch, prompt_len + steps), -1, jnp.int32).at[:, :prompt_len].set(
       jnp.where(valid, prompt['input_ids'], -1))
   key, text_key, head_key = jax.random.split(key, 3)
@@ -89,7 +93,7 @@ def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collection
     split = model.speech_refined_head.split(hidden + head_text)
     _, code_embedding, head_cache, _ = _code_group(
         model, split, sub_positions, code_embedding, head_cache, head_valid,
-        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech)
+        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech, prefill=True)
 
   state = {
       'key': key,

@@ -6,13 +6,15 @@
 Methods and their flags: linear (--alpha, one weight per fine-tune), task_arithmetic (--scale),
 ties (--density, --scale), dare (--drop_rate, --scale, --seed), slerp (--alpha); see
 fac_jax.merging.methods. --base is a fac_jax checkpoint (it may hold only some leaves, e.g. `llm/...`,
-as long as it has every leaf the selection merges) or a Hugging Face Qwen3 causal-LM folder, whose
-weights are mapped onto our `llm/` subtree. Everything is checked from metadata before anything
-is written; then each leaf is read from every input, merged and written before the next is read,
-so host memory holds the inputs' and the merged copies of one leaf (small leaves are read a few
-together) plus the buffers of one orbax read (about two more copies while it decodes), never the
-model. The output gets the first fine-tune's config.json, official/ and chat/ files and is
-committed atomically.
+as long as it has every leaf the selection merges) or a Hugging Face Qwen3 (or, for an MoE LLM,
+Qwen3-MoE with per-expert tensors) causal-LM folder, whose weights are mapped onto our `llm/`
+subtree. Leaves are named by path, so --include/--exclude can single out an MoE LLM's router
+(`moe/router`) or experts (`moe/(gate|up|down)_proj`). Everything is checked from metadata
+before anything is written; then each leaf is read from every input, merged and written before
+the next is read, so host memory holds the inputs' and the merged copies of one leaf (small
+leaves are read a few together) plus the buffers of one orbax read (about two more copies while
+it decodes), never the model. The output gets the first fine-tune's config.json, official/ and
+chat/ files and is committed atomically.
 """
 
 from collections.abc import Mapping, Sequence
@@ -33,7 +35,7 @@ import tqdm
 from fac_jax import cli, sharding
 from fac_jax.checkpoints import checkpoint, official_layout, safetensors_io
 from fac_jax.merging import methods
-from fac_jax.model import fun_audio_chat
+from fac_jax.model import fun_audio_chat, moe
 from fac_jax.train import optim
 
 Path = tuple[str, ...]
@@ -42,6 +44,10 @@ QWEN3_SIZES = {'vocab_size': 'vocab_size', 'num_hidden_layers': 'num_layers',
                'hidden_size': 'hidden_size', 'num_attention_heads': 'num_heads',
                'num_key_value_heads': 'num_kv_heads', 'head_dim': 'head_dim',
                'intermediate_size': 'mlp_dim'}
+# Hugging Face Qwen3-MoE config.json field -> our `moe` field, for those that shape the leaves.
+QWEN3_MOE_SIZES = {theirs: ours for theirs, ours in official_layout.MOE_FIELDS.items()
+                   if theirs in ('num_experts', 'moe_intermediate_size', 'decoder_sparse_step',
+                                 'mlp_only_layers')}
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -107,12 +113,20 @@ def qwen3_causal_lm_maps(hf_dir: str, llm_config: ml_collections.ConfigDict
   config_path = os.path.join(hf_dir, 'config.json')
   with open(config_path) as f:
     hf_config = json.load(f)
-  if hf_config.get('model_type') != 'qwen3':
+  sparse = moe.is_sparse_stack(llm_config)
+  model_type = 'qwen3_moe' if sparse else 'qwen3'
+  if hf_config.get('model_type') != model_type:
     raise MergeError(f'{config_path}: model_type is {hf_config.get("model_type")!r}; a base '
-                     "folder must be a Hugging Face 'qwen3' causal LM")
+                     f'folder for this LLM must be a Hugging Face {model_type!r} causal LM')
   hf_config.setdefault('head_dim', hf_config['hidden_size'] // hf_config['num_attention_heads'])
-  wrong = [f'{theirs} is {hf_config.get(theirs)}, ours {llm_config[ours]}'
-           for theirs, ours in QWEN3_SIZES.items() if hf_config.get(theirs) != llm_config[ours]]
+  sizes = {theirs: llm_config[ours] for theirs, ours in QWEN3_SIZES.items()}
+  if sparse:  # every layer MoE: the dense MLP width sizes none of them
+    del sizes['intermediate_size']
+    sizes.update({theirs: llm_config.moe[ours] for theirs, ours in QWEN3_MOE_SIZES.items()})
+    sizes['mlp_only_layers'] = list(sizes['mlp_only_layers'])
+  found = {theirs: official_layout.official_field(hf_config, theirs, None) for theirs in sizes}
+  wrong = [f'{theirs} is {found[theirs]}, ours {ours}'
+           for theirs, ours in sizes.items() if found[theirs] != ours]
   if wrong:
     raise MergeError(f'{config_path}: sizes differ from the fine-tuned LLM: ' + '; '.join(wrong))
   try:
@@ -148,7 +162,7 @@ class CausalLMLeaves:
   def _our_shape(self, m: official_layout.TensorMap) -> tuple[int, ...]:
     shape = self.tensors.shape(m.keys[0])
     shape = tuple(reversed(shape)) if m.layout in ('linear', 'conv1d') else shape
-    return (len(m.keys),) + shape if m.stacked else shape
+    return m.stack + shape
 
   def read(self, paths: Sequence[Path], shardings: Mapping[Path, jax.sharding.Sharding]
            ) -> dict[Path, jax.Array]:
@@ -300,7 +314,7 @@ def _define_flags() -> None:
   """Command-line flags, defined only when this module is the program (it is also a library)."""
   flags.DEFINE_enum('method', 'linear', sorted(methods.METHODS), 'Merge method.')
   flags.DEFINE_string('base', None, 'The original model M_0: a fac_jax checkpoint or a Hugging '
-                      'Face Qwen3 folder.', required=True)
+                      'Face Qwen3 (Qwen3-MoE for an MoE LLM) folder.', required=True)
   flags.DEFINE_list('finetuned', None, 'Fine-tuned fac_jax checkpoints, comma-separated.',
                     required=True)
   flags.DEFINE_string('out', None, 'Checkpoint to write (must not exist).', required=True)

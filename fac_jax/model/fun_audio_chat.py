@@ -13,7 +13,7 @@ import ml_collections
 import optax
 
 from fac_jax.batch import IGNORE_ID
-from fac_jax.model import audio_encoder, layers, qwen3
+from fac_jax.model import audio_encoder, layers, moe, qwen3
 
 
 class GroupingAdapters(nnx.Module):
@@ -82,6 +82,13 @@ class SpeechRefinedHead(nnx.Module):
     """The output layers: (..., head D) states -> up-projection -> tied code logits (..., codes)."""
     return code_embedding.attend(self.up_projection(states))
 
+  def prefill(self, inputs, positions, segment_ids, cache, code_embedding: nnx.Embed):
+    """decode's first call, over an empty cache, by the attention kernel (DecoderStack.prefill):
+    segment_ids (B, T) are 0 on padding and 1 on the prompt's sub-slots."""
+    hidden, cache = self.decoder.prefill(self.down_projection(inputs), positions, segment_ids,
+                                         cache)
+    return self.logits(hidden, code_embedding), cache
+
   def decode(self, inputs, positions, cache, valid_slots, code_embedding: nnx.Embed):
     """Incremental form of __call__ over the head's KV cache: inputs (B, T, D) for the next T
     sub-slots at 25 Hz positions (B, T) -> (logits (B, T, codes), cache)."""
@@ -101,6 +108,12 @@ class FunAudioChat(nnx.Module):
     self.user_audio_scale = 0.5 if cfg.halve_user_audio else 1.0
     # Checkpoints written before model.attention have none in their config.
     attention = cfg.get('attention', 'auto')
+    if moe.is_sparse_stack(cfg.speech_refined_head):
+      raise ValueError('model.speech_refined_head.moe.num_experts: the refined head is dense; '
+                       'only model.llm may be MoE')
+    if moe.is_sparse_stack(cfg.llm):
+      self.experts_per_token = cfg.llm.moe.experts_per_token
+      self.router_aux_loss_coef = cfg.llm.moe.router_aux_loss_coef
     self.continuous_encoder = audio_encoder.ContinuousSpeechEncoder(
         cfg.encoder, cfg.llm.hidden_size, remat_policy=cfg.remat_policy, attention=attention,
         **kw)
@@ -140,34 +153,49 @@ class FunAudioChat(nnx.Module):
     previous = jnp.where(previous == IGNORE_ID, self.speech_pad_id, previous)
     return split + self.adapters.embed_codes(previous)
 
-  def final_states(self, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced forward up to the output layers: LLM states (B, S, D) and refined-head
-    states (B, 5S, head D)."""
+  def final_states(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Teacher-forced forward up to the output layers: LLM states (B, S, D), refined-head
+    states (B, 5S, head D), and an MoE LLM's router logits (L, B, S, E) (None when dense)."""
     inputs, head_text = self.embed_inputs(batch)
-    hidden = self.llm.decoder(inputs, batch['positions'], batch['segment_ids'])
+    hidden, router_logits = self.llm.decoder.forward(inputs, batch['positions'],
+                                                     batch['segment_ids'])
     head_inputs = self.speech_head_inputs(hidden, head_text, batch['speech_targets'])
     return hidden, self.speech_refined_head.states(head_inputs, batch['positions'],
-                                                   batch['segment_ids'])
+                                                   batch['segment_ids']), router_logits
+
+  def router_metrics(self, router_logits: jax.Array, batch: dict) -> dict:
+    """moe.router_metrics of the LLM's router logits over the batch's non-padding positions."""
+    return moe.router_metrics(router_logits, batch['segment_ids'] > 0, self.experts_per_token,
+                              self.router_aux_loss_coef)
 
   def speech_logits(self, states: jax.Array) -> jax.Array:
     return self.speech_refined_head.logits(states, self.adapters.code_embedding)
 
   def __call__(self, batch: dict) -> dict:
-    """Teacher-forced forward: text logits (B, S, V) and speech logits (B, 5S, codes)."""
-    hidden, speech_states = self.final_states(batch)
-    return {'text_logits': self.llm.lm_head(hidden),
-            'speech_logits': self.speech_logits(speech_states)}
+    """Teacher-forced forward: text logits (B, S, V) and speech logits (B, 5S, codes); with an
+    MoE LLM also 'router', its router metrics (router_metrics)."""
+    hidden, speech_states, router_logits = self.final_states(batch)
+    outputs = {'text_logits': self.llm.lm_head(hidden),
+               'speech_logits': self.speech_logits(speech_states)}
+    if router_logits is not None:
+      outputs['router'] = self.router_metrics(router_logits, batch)
+    return outputs
 
   def target_nll(self, batch: dict) -> dict:
     """Teacher-forced per-target (nll, hits) of both channels (as logits_target_nll of
     __call__'s logits), the logits made loss_chunk_positions LLM positions at a time (the
-    speech channel: their 5 sub-slots each), or whole rows at 0."""
-    hidden, speech_states = self.final_states(batch)
+    speech channel: their 5 sub-slots each), or whole rows at 0; with an MoE LLM also 'router',
+    its router metrics."""
+    hidden, speech_states, router_logits = self.final_states(batch)
     targets = channel_targets(batch)
     chunk = self.loss_chunk_positions
-    return {'text': chunked_target_nll(self.llm.lm_head, hidden, targets['text'], chunk),
-            'speech': chunked_target_nll(self.speech_logits, speech_states, targets['speech'],
-                                         chunk * self.speech_refined_head.group_size)}
+    per_target = {
+        'text': chunked_target_nll(self.llm.lm_head, hidden, targets['text'], chunk),
+        'speech': chunked_target_nll(self.speech_logits, speech_states, targets['speech'],
+                                     chunk * self.speech_refined_head.group_size)}
+    if router_logits is not None:
+      per_target['router'] = self.router_metrics(router_logits, batch)
+    return per_target
 
 
 def target_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -204,15 +232,20 @@ def channel_targets(batch: dict) -> dict:
 
 
 def logits_target_nll(outputs: dict, batch: dict) -> dict:
-  """{'text': (nll, hits), 'speech': (nll, hits)} (target_nll's) from __call__'s logits."""
+  """{'text': (nll, hits), 'speech': (nll, hits)} (target_nll's) from __call__'s logits, and
+  its router metrics where it has them."""
   targets = channel_targets(batch)
-  return {channel: target_nll(outputs[f'{channel}_logits'], targets[channel])
-          for channel in targets}
+  per_target = {channel: target_nll(outputs[f'{channel}_logits'], targets[channel])
+                for channel in targets}
+  if 'router' in outputs:
+    per_target['router'] = outputs['router']
+  return per_target
 
 
 def losses(per_target: dict, batch: dict) -> dict:
   """Text CE + speech CE, weight 1:1, each a mean over its valid targets, and each channel's
-  accuracy, from per-target (nll, hits) of both channels."""
+  accuracy, from per-target (nll, hits) of both channels. With an MoE LLM, its router metrics
+  too, and the loss adds their `router_loss` (router_aux_loss_coef x the load-balancing loss)."""
   metrics = {}
   for channel, targets in channel_targets(batch).items():
     nll, hits = per_target[channel]
@@ -220,6 +253,9 @@ def losses(per_target: dict, batch: dict) -> dict:
     metrics[f'{channel}_loss'] = nll.sum() / count
     metrics[f'{channel}_accuracy'] = hits.sum() / count
   metrics['loss'] = metrics['text_loss'] + metrics['speech_loss']
+  if 'router' in per_target:
+    metrics.update(per_target['router'])
+    metrics['loss'] += metrics['router_loss']
   return metrics
 
 

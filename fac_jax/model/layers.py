@@ -64,18 +64,17 @@ def scan_layers(layers: nnx.Module, x: jax.Array, *args, per_layer=None,
                 remat_policy: str = 'none'):
   """Applies stacked layers in order with one lax.scan.
 
-  Each call is layer(x, *args) -> x; with `per_layer` (a pytree whose leaves have a leading
-  layer axis, e.g. a KV cache) it is layer(x, *args, that_layer's_slice) -> (x, new_slice), and
-  the stacked new slices are returned with x.
+  Each call is layer(x, *args), or with `per_layer` (a pytree whose leaves have a leading layer
+  axis, e.g. a KV cache) layer(x, *args, that_layer's_slice). A layer returns x, or (x, y): then
+  the y of every layer, stacked (a cache's new slices, a router's logits), are returned with x.
   """
   graphdef, params = nnx.split(layers)
 
   def body(carry, xs):
     layer_params, layer_extra = xs
     layer = nnx.merge(graphdef, layer_params)
-    if per_layer is None:
-      return layer(carry, *args), None
-    return layer(carry, *args, layer_extra)
+    out = layer(carry, *args) if per_layer is None else layer(carry, *args, layer_extra)
+    return out if isinstance(out, tuple) else (out, None)
 
   if remat_policy != 'none':
     if remat_policy not in REMAT_POLICIES:
@@ -83,4 +82,4 @@ def scan_layers(layers: nnx.Module, x: jax.Array, *args, per_layer=None,
                        f'{sorted(REMAT_POLICIES)}')
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
   x, per_layer_out = jax.lax.scan(body, x, (params, per_layer))
-  return x if per_layer is None else (x, per_layer_out)
+  return x if per_layer_out is None else (x, per_layer_out)

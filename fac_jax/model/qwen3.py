@@ -1,4 +1,9 @@
-"""Qwen3 decoder stack: one implementation serves the shared LLM and the speech refined head."""
+"""Qwen3 decoder stack: one implementation serves the shared LLM and the speech refined head.
+
+A stack is dense (Qwen3) or, with its config's moe.num_experts > 0, sparse (Qwen3-MoE: a
+fac_jax.model.moe.SparseMoe block named `moe` in place of `mlp`); either way one scan runs its
+layers, so a stack that would mix the two kinds is refused (fac_jax.model.moe.is_sparse_stack).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +11,7 @@ from flax import nnx
 import ml_collections
 
 from fac_jax import sharding
-from fac_jax.model import attention, layers
+from fac_jax.model import attention, layers, moe
 
 
 class Attention(nnx.Module):
@@ -28,8 +33,9 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, mask, cache=None):
     """Without `cache`, attends over x itself (mask: an attention.Packed, or a (B, 1, T, T)
     boolean array for XLA). With cache = {'k', 'v': (B, slots, K, H), 'index': first slot to
-    write}, writes this step's keys and values there, attends over all slots by XLA (mask:
-    (B, 1, T, slots)) and returns (out, updated cache)."""
+    write}, writes this step's keys and values there and returns (out, updated cache): it
+    attends over all slots by XLA given a (B, 1, T, slots) mask, or, given a Packed mask (the
+    prefill of an empty cache), over this step's keys alone by the mask's kernel."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -39,9 +45,11 @@ class Attention(nnx.Module):
     q = sharding.constrain(q, ('batch', 'length', 'heads', None))
     if cache is not None:
       start = (0, cache['index'], 0, 0)
-      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start)
-      cache = dict(cache, k=k, v=v)
+      cache = dict(cache, k=jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype),
+                                                         start),
+                   v=jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), start))
+      if not isinstance(mask, attention.Packed):
+        k, v = cache['k'], cache['v']
     out = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
     return out if cache is None else (out, cache)
@@ -62,21 +70,37 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+  """Attention and a feed-forward block: dense (`mlp`) or, with `sparse`, MoE (`moe`)."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, sparse: bool = False, dtype,
+               param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.sparse = sparse
     self.input_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, **kw)
     self.attention = Attention(cfg, **kw)
     self.post_attention_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, **kw)
-    self.mlp = Mlp(cfg, **kw)
+    if sparse:
+      self.moe = moe.SparseMoe(cfg, **kw)
+    else:
+      self.mlp = Mlp(cfg, **kw)
 
   def __call__(self, x, positions, mask, cache=None):
+    """-> x; with a cache (x, cache); a sparse layer without a cache: (x, its router logits
+    (B, T, E))."""
     attended = self.attention(self.input_norm(x), positions, mask, cache)
     if cache is not None:
       attended, cache = attended
     x = x + attended
-    x = sharding.constrain(x + self.mlp(self.post_attention_norm(x)), ('batch', 'length', 'embed'))
-    return x if cache is None else (x, cache)
+    normed = self.post_attention_norm(x)
+    router_logits = None
+    if self.sparse:
+      feed_forward, router_logits = self.moe(normed)
+    else:
+      feed_forward = self.mlp(normed)
+    x = sharding.constrain(x + feed_forward, ('batch', 'length', 'embed'))
+    if cache is not None:
+      return x, cache
+    return x if router_logits is None else (x, router_logits)
 
 
 class DecoderStack(nnx.Module):
@@ -91,16 +115,37 @@ class DecoderStack(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.remat_policy = remat_policy
     self.attention = attention
-    self.layers = layers.stacked_layers(lambda r: DecoderLayer(cfg, rngs=r, **kw),
-                                        cfg.num_layers, rngs)
+    self.sparse = moe.is_sparse_stack(cfg)
+    self.layers = layers.stacked_layers(
+        lambda r: DecoderLayer(cfg, sparse=self.sparse, rngs=r, **kw), cfg.num_layers, rngs)
     self.final_norm = layers.rms_norm(cfg.hidden_size, cfg.norm_eps, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x: (B, T, D) inputs; positions, segment_ids: (B, T). Causal within each segment."""
+    return self.forward(x, positions, segment_ids)[0]
+
+  def forward(self, x: jax.Array, positions: jax.Array,
+              segment_ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """__call__'s final-normed states, and every layer's router logits (L, B, T, E) float32
+    for a sparse stack (None for a dense one)."""
     mask = attention.Packed(segment_ids, self.attention)
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
     x = layers.scan_layers(self.layers, x, positions, mask, remat_policy=self.remat_policy)
-    return self.final_norm(x)
+    x, router_logits = x if self.sparse else (x, None)
+    return self.final_norm(x), router_logits
+
+  def prefill(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: dict):
+    """decode's first call, over an empty cache, attending by the kernel model.attention picks
+    rather than a (B, 1, T, slots) score matrix: x (B, T, D) fills slots [0, T); segment_ids
+    (B, T) are 0 on a left-padded prompt's padding and 1 on its positions. Returns what decode
+    returns."""
+    per_layer = {'k': cache['k'], 'v': cache['v'],
+                 'index': jnp.zeros((cache['k'].shape[0],), jnp.int32)}  # one a layer
+    x, written = layers.scan_layers(self.layers, x, positions,
+                                    attention.Packed(segment_ids, self.attention),
+                                    per_layer=per_layer)
+    return self.final_norm(x), {'k': written['k'], 'v': written['v'],
+                                'index': jnp.asarray(x.shape[1], jnp.int32)}
 
   def decode(self, x: jax.Array, positions: jax.Array, cache: dict, valid_slots: jax.Array):
     """Incremental forward over a KV cache.

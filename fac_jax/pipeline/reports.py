@@ -194,19 +194,8 @@ def readme_section(report_dir: str, link: str) -> str:
 def update_readme(readme: str, report_dir: str, write: bool = True) -> bool:
   """Regenerates `readme`'s section between BEGIN and END (marker lines kept) from report_dir;
   whether it changed. Raises ValueError unless each marker is there once, BEGIN first."""
-  with open(readme) as f:
-    text = f.read()
-  counts = {marker: text.count(marker) for marker in (BEGIN, END)}
-  if list(counts.values()) != [1, 1] or text.index(BEGIN) > text.index(END):
-    raise ValueError(f'{readme} needs one {BEGIN} line and one {END} line after it; found '
-                     + ', '.join(f'{n} x {marker}' for marker, n in counts.items()))
-  before, rest = text.split(BEGIN)
-  _, after = rest.split(END)
   link = os.path.relpath(report_dir, os.path.dirname(os.path.abspath(readme)))
-  updated = f'{before}{BEGIN}\n{readme_section(report_dir, link)}{END}{after}'
-  if write and updated != text:
-    files.write_atomically(readme, updated)
-  return updated != text
+  return files.replace_section(readme, BEGIN, END, readme_section(report_dir, link), write)
 
 
 FLAGS = flags.FLAGS

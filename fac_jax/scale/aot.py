@@ -119,6 +119,21 @@ def shard_bytes(tree, shardings) -> int:
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
 
 
+def gathered_bytes(tree, shardings) -> int:
+  """Bytes one device receives to assemble its working copy of every weight: each leaf sharded
+  over the batch's mesh axes (fsdp) is all-gathered over them; tensor- and expert-sharded
+  dimensions stay sharded (their activations and tokens move instead, which is not counted)."""
+  gathered_axes = (set(sharding.LOGICAL_AXIS_RULES['batch'])
+                   - set(sharding.LOGICAL_AXIS_RULES['experts']))
+  def one(leaf, s):
+    used = [axis for entry in s.spec if entry is not None
+            for axis in ((entry,) if isinstance(entry, str) else entry)]
+    shards = math.prod(s.mesh.shape[axis] for axis in used if axis in gathered_axes)
+    shard = int(np.prod(s.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+    return shard * (shards - 1)
+  return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
+
+
 def abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
@@ -180,7 +195,7 @@ def train_program(cfg: ml_collections.ConfigDict, mesh) -> dict:
       # policies keep the matmul outputs, so only cheap elementwise work is recomputed.
       param_passes=3 if cfg.model.remat_policy == 'full' else 2,
       micro_batches=cfg.train.grad_accum_steps,
-      param_bytes=shard_bytes(params, param_shardings) * mesh.size)
+      gathered_bytes=gathered_bytes(params, param_shardings))
 
 
 def inference_inputs(cfg, mesh, sessions: int, context_seconds: float):
@@ -212,7 +227,7 @@ def prefill_program(cfg, mesh, sessions: int, context_seconds: float, new_steps:
               kinds={'parameters': shard_bytes(params, param_shardings),
                      'batch': shard_bytes(prompt, prompt_shardings)},
               rows=sessions, model_flops=sum(model_flops.values()) / 3,  # forward only
-              param_passes=1, param_bytes=shard_bytes(params, param_shardings) * mesh.size)
+              param_passes=1, gathered_bytes=gathered_bytes(params, param_shardings))
 
 
 def decode_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: int) -> dict:
@@ -239,7 +254,7 @@ def decode_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: 
               kinds={'parameters': prefill['kinds']['parameters'],
                      'decoding state (KV caches)': state_bytes},
               rows=sessions, model_flops=sessions * per_session, param_passes=1,
-              param_bytes=prefill['param_bytes'], state_bytes=state_bytes,
+              gathered_bytes=prefill['gathered_bytes'], state_bytes=state_bytes,
               prefill=prefill, prefill_memory=memory_by_kind(compiled_prefill))
 
 
@@ -265,7 +280,7 @@ def roofline(program: dict, compiled_memory: dict, chip: Chip, chips: int, kind:
         2 * compiled_memory['temporaries']
   hbm_s = hbm_bytes / (chip.hbm_gbps * 1e9)
   # Sharded weights gathered in each pass; in training the gradient is reduce-scattered too.
-  gathered = program['param_bytes'] * (chips - 1) / chips
+  gathered = program['gathered_bytes']
   # Every micro-batch gathers the weights again; the gradient is reduce-scattered once a step.
   ici_bytes = (gathered * program['param_passes'] * program.get('micro_batches', 1)
                + (gathered if kind == 'train' else 0))
@@ -315,7 +330,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
               'temporaries': int(float(needed.group(1)) * GIB), 'code': 0}
   total = sum(memory.values())
   hbm = chip.hbm_gib * GIB
-  data_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  data_shards = sharding.batch_shards(mesh)
   report = {
       'topology': reading, 'generation': generation, 'chips': math.prod(grid),
       'devices': len(devices),

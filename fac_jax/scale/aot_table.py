@@ -1,9 +1,11 @@
 """Markdown tables of stored ahead-of-time reports (fac_jax.scale.aot's JSON), so the tables in
 reports/aot/report.md and docs/scale.md are made from the tool's output, never typed.
 
-  python -m fac_jax.scale.aot_table reports/aot
+  python -m fac_jax.scale.aot_table --reports=reports/aot \
+      [--write=README.md,docs/scale.md,reports/aot/report.md]
 
-The folder's rows.json lists the rows in order: {"file": one report's JSON, "code": what code it
+prints the tables, and with --write puts them between the <!-- aot:begin --> and <!-- aot:end -->
+lines of those pages. The folder's rows.json lists the rows in order: {"file": one report's JSON, "code": what code it
 compiled}. Train rows, DRSR rows (train rows at another speech group size) and inference rows
 (decode reports, which carry their prefill) go to three tables.
 """
@@ -13,13 +15,15 @@ import importlib.util
 import json
 import os
 import shlex
-import sys
+
+from absl import app, flags
 
 from fac_jax import files, fingerprint
 
 GIB = 1 << 30
 ROWS_FILE = 'rows.json'
 FIT_SHARE = 0.9  # the issue's target: fits with 10 % of HBM to spare
+BEGIN, END = '<!-- aot:begin -->', '<!-- aot:end -->'
 
 
 def load_rows(folder: str, root: str) -> list[tuple]:
@@ -94,6 +98,10 @@ def _mfu(report: dict) -> str:
   return f"{100 * roof['mfu']:.0f} % ({roof['bound_by']}-bound)"
 
 
+def _step(report: dict) -> str:
+  return f"{report['roofline_estimate']['step_s']:.2f} s" if report['fits'] else 'n/a'
+
+
 def _wall(report: dict) -> str:
   seconds = round(report['compile_seconds'])
   return f'{seconds // 60}:{seconds % 60:02d}'
@@ -105,15 +113,15 @@ def _wall(report: dict) -> str:
 
 def train_table(rows) -> str:
   lines = ['| slice | code | mesh | remat | micro-batches | rows a chip | per-chip GiB (args + temps'
-           ' + code) | of HBM | fits (<= 90 %) | estimated MFU | compile wall |',
-           '|---|---|---|---|---:|---:|---:|---:|---|---:|---:|']
+           ' + code) | of HBM | fits (<= 90 %) | estimated step | estimated MFU | compile wall |',
+           '|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|']
   for entry, r, cfg in rows:
     if r['program'] != 'train' or cfg.model.speech.group_size != 5:
       continue
     share, fits = _fits(r)
     lines.append(f"| {r['topology']} | {entry['code']} | {_mesh(r)} | {r['remat_policy']} | "
                  f"{cfg.train.grad_accum_steps} | {r['rows_per_chip']:g} | {_memory(r)} | {share} | {fits} | "
-                 f"{_mfu(r)} | {_wall(r)} |")
+                 f"{_step(r)} | {_mfu(r)} | {_wall(r)} |")
   return '\n'.join(lines)
 
 
@@ -169,15 +177,27 @@ def tables(folder: str, root: str = fingerprint.REPO) -> str:
                       'Inference (bf16):', inference_table(rows)])
 
 
-def main(argv=None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
-  if len(argv) != 1:
-    raise SystemExit('usage: python -m fac_jax.scale.aot_table FOLDER (with FOLDER/rows.json)')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
   try:
-    print(tables(argv[0]))
-  except ValueError as e:
-    raise SystemExit(str(e)) from None
+    text = tables(FLAGS.reports)
+    print(text)
+    for page in FLAGS.write:
+      changed = files.replace_section(page, BEGIN, END, text + '\n')
+      print(f"{'updated' if changed else 'unchanged'} {page}")
+  except (OSError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+
+
+def run():
+  flags.DEFINE_string('reports', os.path.join(fingerprint.REPO, 'reports', 'aot'),
+                      'Folder of stored reports with its rows.json.')
+  flags.DEFINE_list('write', [], 'Pages whose aot:begin/aot:end section gets the tables.')
+  app.run(main)
 
 
 if __name__ == '__main__':
-  main()
+  run()

@@ -18,7 +18,9 @@ channel c in (text, speech):
 
   dpo_loss = sum_i v_i loss_i / sum_i v_i, v_i = dpo.task_weights[task of pair i] (0: empty row)
   loss     = dpo_loss + dpo.sft_weight * sft_loss, sft_loss the chosen answers' text + speech
-             cross-entropy, each a mean over its targets (as fun_audio_chat.compute_losses)
+             cross-entropy, each a mean over its targets (as fun_audio_chat.compute_losses);
+             with an MoE LLM + router_loss, the policy's load-balancing term over both answers'
+             rows (fac_jax.model.moe.router_metrics, whose metrics the train step reports too)
 
 `<channel>_likelihood_accuracy`, the share of pairs whose chosen answer the policy itself finds
 more likely than the rejected one (no reference), shows where the policy starts as well as where DPO
@@ -61,16 +63,30 @@ def target_counts(batch: dict) -> dict:
           for answer in preference.ANSWER_FIELDS for channel in CHANNELS}
 
 
+def answer_logps_and_router(graphdef: nnx.GraphDef, params: dict,
+                            batch: dict) -> tuple[dict, dict]:
+  """answer_logps, and the router metrics of an MoE LLM over both answers' rows ({} when the
+  LLM is dense)."""
+  both = jax.tree.map(lambda c, r: jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:]),
+                      batch['chosen'], batch['rejected'])
+  per_target = nnx.merge(graphdef, params).target_nll(both)
+  logps = sequence_logps(per_target)
+  return ({f'{answer}_{channel}': logps[channel].reshape(-1, 2)[:, k]
+           for k, answer in enumerate(preference.ANSWER_FIELDS) for channel in CHANNELS},
+          per_target.get('router', {}))
+
+
 def answer_logps(graphdef: nnx.GraphDef, params: dict, batch: dict) -> dict:
   """'<answer>_<channel>': (B,) sequence log-probabilities of both answers under `params`, from
   one forward pass over 2B rows (pair i's chosen answer in row 2i, rejected in 2i + 1, so that
   with the batch axis sharded every device keeps its own pairs). Also the form of precomputed
   reference log-probabilities (batch['reference_logps'])."""
-  both = jax.tree.map(lambda c, r: jnp.stack([c, r], axis=1).reshape((-1,) + c.shape[1:]),
-                      batch['chosen'], batch['rejected'])
-  logps = sequence_logps(nnx.merge(graphdef, params).target_nll(both))
-  return {f'{answer}_{channel}': logps[channel].reshape(-1, 2)[:, k]
-          for k, answer in enumerate(preference.ANSWER_FIELDS) for channel in CHANNELS}
+  return answer_logps_and_router(graphdef, params, batch)[0]
+
+
+def _positions(batch: dict) -> jax.Array:
+  """Non-padding positions of both answers: what an MoE router's metrics are averaged over."""
+  return sum((batch[answer]['segment_ids'] > 0).sum() for answer in preference.ANSWER_FIELDS)
 
 
 def pair_weights(task_ids: jax.Array, dpo_cfg: ml_collections.ConfigDict) -> jax.Array:
@@ -183,7 +199,8 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
   The reference log-probabilities come from a forward pass of `ref_params` in the same step
   (never differentiated), or, with ref_params None, from batch['reference_logps'] (answer_logps'
   form, precomputed). With grad_accum_steps > 1 the pairs are processed in that many row slices,
-  each loss over the whole batch's denominators, so the summed gradient is the batch's exactly.
+  each loss over the whole batch's denominators, so the summed gradient is the batch's exactly
+  (an MoE router's terms: each slice's own, weighted by its share of the positions).
   A step whose loss or gradient is not finite changes nothing and reports `skipped` = 1, as
   steps.make_train_step does. `frozen` path patterns are not differentiated.
   """
@@ -191,21 +208,26 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
 
   def objective(params, batch, reference, normalisers):
     params = optim.stop_frozen_gradients(params, frozen)
-    stats = pair_statistics(answer_logps(graphdef, params, batch), reference, batch, dpo_cfg)
+    logps, router = answer_logps_and_router(graphdef, params, batch)
+    stats = pair_statistics(logps, reference, batch, dpo_cfg)
     dpo_loss, sft_loss = _losses(stats, normalisers)
-    return dpo_loss + dpo_cfg.sft_weight * sft_loss, stats
+    share = _positions(batch) / normalisers['positions']
+    router = {name: value * share for name, value in router.items()}
+    return dpo_loss + dpo_cfg.sft_weight * sft_loss + router.get('router_loss', 0.0), (stats,
+                                                                                       router)
 
   def gradients(params, ref_params, batch, normalisers):
     reference = _reference_logps(graphdef, ref_params, batch)
-    (_, stats), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, reference,
-                                                                    normalisers)
-    return grads, stats
+    (_, (stats, router)), grads = jax.value_and_grad(objective, has_aux=True)(
+        params, batch, reference, normalisers)
+    return grads, stats, router
 
   def dpo_step(params, opt_state, ref_params, batch):
     normalisers = _normalisers({**target_counts(batch),
                                 'pair_weight': pair_weights(batch['task_ids'], dpo_cfg)})
+    normalisers['positions'] = jnp.maximum(_positions(batch), 1)
     if grad_accum_steps == 1:
-      grads, stats = gradients(params, ref_params, batch, normalisers)
+      grads, stats, router = gradients(params, ref_params, batch, normalisers)
     else:
       rows = batch['task_ids'].shape[0]
       if rows % grad_accum_steps:
@@ -214,14 +236,17 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
           lambda x: x.reshape((grad_accum_steps, rows // grad_accum_steps) + x.shape[1:]), batch)
 
       def add_slice(summed, batch_slice):
-        grads, stats = gradients(params, ref_params, batch_slice, normalisers)
-        return jax.tree.map(jnp.add, summed, grads), stats
+        grads, stats, router = gradients(params, ref_params, batch_slice, normalisers)
+        return jax.tree.map(jnp.add, summed, grads), (stats, router)
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      grads, stats = jax.lax.scan(add_slice, zeros, slices)
+      grads, (stats, router) = jax.lax.scan(add_slice, zeros, slices)
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
       stats = jax.tree.map(lambda x: x.reshape(rows), stats)
-    return steps.guarded_update(optimizer, params, opt_state, grads, summarise(stats, dpo_cfg))
+      router = jax.tree.map(lambda x: x.sum(axis=0), router)
+    metrics = {**summarise(stats, dpo_cfg), **router}
+    metrics['loss'] += router.get('router_loss', 0.0)
+    return steps.guarded_update(optimizer, params, opt_state, grads, metrics)
   return dpo_step
 
 

@@ -25,19 +25,25 @@ def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_mi
   """Gradient and metrics of the whole batch, computed over `num_micro` row slices in sequence.
 
   Each slice's text and speech losses are weighted by its share of the batch's valid targets, so
-  the sum equals the whole-batch loss (each channel a mean over its targets) exactly.
+  the sum equals the whole-batch loss (each channel a mean over its targets) exactly. An MoE
+  LLM's router metrics are weighted by the slice's share of the batch's non-padding positions:
+  the load-balancing loss, a product of two means, is then each slice's own (as where every
+  micro-batch adds its own), not the whole batch's.
   """
   count = lambda targets: jnp.maximum((targets != batch_lib.IGNORE_ID).sum(), 1)
   text_total, speech_total = count(batch['text_targets']), count(batch['speech_targets'])
+  positions_total = jnp.maximum((batch['segment_ids'] > 0).sum(), 1)
 
   def weighted_loss(params, micro):
     params = optim.stop_frozen_gradients(params, frozen)
     metrics = loss_fn(graphdef, params, micro)[1]
-    text_share = (micro['text_targets'] != batch_lib.IGNORE_ID).sum() / text_total
-    speech_share = (micro['speech_targets'] != batch_lib.IGNORE_ID).sum() / speech_total
-    weighted = {name: value * (text_share if name.startswith('text') else speech_share)
+    shares = {'text': (micro['text_targets'] != batch_lib.IGNORE_ID).sum() / text_total,
+              'speech': (micro['speech_targets'] != batch_lib.IGNORE_ID).sum() / speech_total,
+              'router': (micro['segment_ids'] > 0).sum() / positions_total}
+    weighted = {name: value * shares[name.split('_')[0].split('/')[0]]
                 for name, value in metrics.items() if name != 'loss'}
-    weighted['loss'] = weighted['text_loss'] + weighted['speech_loss']
+    weighted['loss'] = weighted['text_loss'] + weighted['speech_loss'] + weighted.get(
+        'router_loss', 0.0)
     return weighted['loss'], weighted
 
   def add_micro(carry, micro):

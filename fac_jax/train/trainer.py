@@ -30,6 +30,7 @@ from absl import app, flags, logging
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -104,14 +105,27 @@ class MetricsLog:
       self.writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def add(self, step: int, prefix: str, metrics: dict) -> None:
-    entry = {'step': step, **{f'{prefix}/{k}': float(v) for k, v in metrics.items()}}
+    """Scalars as numbers. Arrays (an MoE router's per-layer metrics) as nested lists in
+    metrics.jsonl and, in TensorBoard, a scalar per entry of a vector (name/<layer>) and a
+    histogram per row of a matrix (name/<layer>: the spread of the experts' shares)."""
+    entry = {'step': step, **{f'{prefix}/{k}': float(v) if np.ndim(v) == 0 else
+                              np.asarray(v, np.float64).tolist() for k, v in metrics.items()}}
     self.entries.append(entry)
     if self.writer is not None:
       with open(self.path, 'a') as f:
         f.write(json.dumps(entry) + '\n')
       for name, value in entry.items():
-        if name != 'step':
+        if name == 'step':
+          continue
+        value = np.asarray(value)
+        if value.ndim == 0:
           self.writer.add_scalar(name, value, step)
+        elif value.ndim == 1:
+          for index, part in enumerate(value):
+            self.writer.add_scalar(f'{name}/{index}', part, step)
+        else:
+          for index, row in enumerate(value):
+            self.writer.add_histogram(f'{name}/{index}', row, step)
 
   def plot(self, path: str, names: tuple[str, ...]) -> None:
     """One panel per metric name, train and eval curves in each."""

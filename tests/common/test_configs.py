@@ -62,6 +62,21 @@ def test_fac_8b_parameter_count_matches_design():
   assert 8.0e9 < sum(counts.values()) < 9.5e9
 
 
+def test_fac_30b_a3b_llm_has_qwen3_30b_a3b_parameters():
+  """Qwen3-30B-A3B: 30.5 B parameters, 3.3 B of them used a token (its model card)."""
+  cfg = config_lib.load(os.path.join(REPO, 'configs', 'fac_30b_a3b.py'))
+  counts, _ = component_counts(cfg.model)
+  d, layers, experts, per_token, width = 2048, 48, 128, 8, 768
+  attention = 2 * d * 32 * 128 + 2 * d * 4 * 128 + 2 * 128
+  expert_weights = 3 * experts * d * width
+  layer = attention + 2 * d + d * experts + expert_weights
+  llm = 2 * 151936 * d + layers * layer + d
+  active = llm - layers * expert_weights * (experts - per_token) // experts
+  print(f'\nfac_30b_a3b LLM: {llm:,} parameters, {active:,} a token')
+  assert counts['llm'] == llm
+  assert 30.4e9 < llm < 30.6e9 and 3.2e9 < active < 3.4e9
+
+
 def test_command_line_override_reaches_the_model(tmp_path):
   # The absl + config_flags parsing that every entry point uses, in a script of its own.
   script = tmp_path / 'show_config.py'

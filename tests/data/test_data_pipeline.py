@@ -138,8 +138,8 @@ def test_same_seed_same_batches_and_resumption_is_exact(data_cfg):
 def test_local_batches_become_global_arrays_on_an_8_device_mesh(data_cfg):
   summary = run_on_host_devices('pipeline_on_mesh_check.py', args=[data_cfg.data.dir])
   assert summary['devices'] == 8
-  assert summary['input_ids_spec'] == "P(('data', 'fsdp'), None)"
-  assert summary['mel_spec'] == "P(('data', 'fsdp'), None, None, None)"
+  assert summary['input_ids_spec'] == "P(('data', 'fsdp', 'expert'), None)"
+  assert summary['mel_spec'] == "P(('data', 'fsdp', 'expert'), None, None, None)"
   assert summary['equal_to_local'] and summary['loss_finite']
 
 

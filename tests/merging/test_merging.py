@@ -1,6 +1,8 @@
-"""Model merging: each method against an independent NumPy reference on random trees, exact
-endpoints, selection; the streaming merge of tiny checkpoints against the in-memory merge bit for
-bit; refusals that leave nothing on disk; a Hugging Face Qwen3 base mapped onto our llm/ leaves.
+"""Model merging: each method against an independent NumPy reference on random trees (dense, and
+an MoE LLM's), exact endpoints, selection (an MoE LLM's router and experts named by
+include/exclude); the streaming merge of tiny checkpoints against the in-memory merge bit for bit;
+refusals that leave nothing on disk; Hugging Face Qwen3 and Qwen3-MoE bases mapped onto our llm/
+leaves.
 
 Tolerance: float32 merges against float64 references, rtol 1e-5 and atol 1e-6.
 """
@@ -27,20 +29,38 @@ from conftest import REPO
 
 SHAPES = {'llm': {'embed': (11, 6), 'layers': {'kernel': (2, 6, 7), 'scale': (2, 6)}},
           'adapters': {'kernel': (5, 4)}}
+# An MoE LLM's leaves as the model names them (2 layers, width 6, 7 experts of width 3).
+MOE_SHAPES = {'llm': {'embed_tokens': {'embedding': (11, 6)}, 'decoder': {'layers': {
+    'attention': {'q_proj': {'kernel': (2, 6, 4)}}, 'input_norm': {'scale': (2, 6)},
+    'moe': {'router': {'kernel': (2, 6, 7)}, 'gate_proj': (2, 7, 6, 3), 'up_proj': (2, 7, 6, 3),
+            'down_proj': (2, 7, 3, 6)}}}}}
+ROUTER = 'llm/decoder/layers/moe/router/kernel'
+EXPERTS = {f'llm/decoder/layers/moe/{name}' for name in ('gate_proj', 'up_proj', 'down_proj')}
+MOE_NAMES = {'/'.join(key.key for key in path) for path, _ in jax.tree_util.tree_flatten_with_path(
+    MOE_SHAPES, is_leaf=lambda x: isinstance(x, tuple))[0]}
 CLOSE = dict(rtol=1e-5, atol=1e-6)
 
 
-def random_tree(seed, scale=1.0):
+def random_tree(seed, scale=1.0, shapes=SHAPES):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda shape: (scale * rng.standard_normal(shape)).astype(np.float32),
-                      SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+                      shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def near_trees(shapes):
+  """A base and three fine-tunes near it (as fine-tunes are)."""
+  base = random_tree(0, shapes=shapes)
+  return base, [jax.tree.map(np.add, base, random_tree(seed, 0.1, shapes)) for seed in (1, 2, 3)]
 
 
 @pytest.fixture(scope='module')
 def trees():
-  """A base and three fine-tunes near it (as fine-tunes are)."""
-  base = random_tree(0)
-  return base, [jax.tree.map(np.add, base, random_tree(seed, 0.1)) for seed in (1, 2, 3)]
+  return near_trees(SHAPES)
+
+
+@pytest.fixture(scope='module')
+def moe_trees():
+  return near_trees(MOE_SHAPES)
 
 
 def leaves_with_names(tree):
@@ -95,9 +115,10 @@ METHOD_CASES = [
 ]
 
 
+@pytest.mark.parametrize('kind', ['trees', 'moe_trees'])
 @pytest.mark.parametrize('method,count,args', METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
-def test_methods_match_numpy_references(trees, method, count, args):
-  base, finetuned = trees
+def test_methods_match_numpy_references(request, kind, method, count, args):
+  base, finetuned = request.getfixturevalue(kind)
   merged = methods.merge_trees(method, base, finetuned[:count], **args)
   for (name, ours), (_, b), *models in zip(leaves_with_names(merged), leaves_with_names(base),
                                            *[leaves_with_names(m) for m in finetuned[:count]]):
@@ -160,6 +181,25 @@ def test_include_exclude_select_leaves(trees):
   llm_only = {'llm': base['llm']}
   with pytest.raises(KeyError, match='adapters/kernel'):
     methods.merge_trees('linear', llm_only, finetuned[:1], alpha=0.5)
+
+
+@pytest.mark.parametrize('include,exclude,selected', [
+    (None, 'moe/router', MOE_NAMES - {ROUTER}),
+    ('moe/router', None, {ROUTER}),
+    ('moe/(gate|up|down)_proj', None, EXPERTS),
+    ('/moe/', 'router', EXPERTS),
+])
+def test_include_exclude_name_the_router_and_the_experts(moe_trees, include, exclude, selected):
+  base, finetuned = moe_trees
+  merged = methods.merge_trees('linear', base, finetuned[:1], alpha=0.5, include=include,
+                               exclude=exclude)
+  changed = set()
+  for (name, ours), (_, b), (_, m) in zip(*map(leaves_with_names, (merged, base, finetuned[0]))):
+    if name in selected:
+      np.testing.assert_allclose(ours, 0.5 * b + 0.5 * m, **CLOSE, err_msg=name)
+    if not np.array_equal(ours, m):
+      changed.add(name)
+  assert changed == selected
 
 
 @pytest.mark.parametrize('method,count,args,match', [
@@ -351,15 +391,23 @@ def qwen3_base(tiny_checkpoints):
   return folder, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def hf_llm_leaves(state, num_layers):
-  """Our llm/ leaves from a Qwen3ForCausalLM state dict, written out here by hand."""
+def hf_llm_leaves(state, num_layers, num_experts=0):
+  """Our llm/ leaves from a Qwen3ForCausalLM state dict (with `num_experts`, a Qwen3-MoE one with
+  per-expert tensors, as its files hold them), written out here by hand."""
   def stack(key, transpose):
     return np.stack([state[f'model.layers.{i}.{key}'].T if transpose
                      else state[f'model.layers.{i}.{key}'] for i in range(num_layers)])
+  projections = ('gate_proj', 'up_proj', 'down_proj')
+  if num_experts:
+    feed_forward = {'moe': {'router': {'kernel': stack('mlp.gate.weight', True)}} | {
+        name: np.stack([stack(f'mlp.experts.{e}.{name}.weight', True)
+                        for e in range(num_experts)], axis=1) for name in projections}}
+  else:
+    feed_forward = {'mlp': {name: {'kernel': stack(f'mlp.{name}.weight', True)}
+                            for name in projections}}
   layers = {'attention': {name: {'kernel': stack(f'self_attn.{name}.weight', True)}
                           for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
-            'mlp': {name: {'kernel': stack(f'mlp.{name}.weight', True)}
-                    for name in ('gate_proj', 'up_proj', 'down_proj')},
+            **feed_forward,
             'input_norm': {'scale': stack('input_layernorm.weight', False)},
             'post_attention_norm': {'scale': stack('post_attention_layernorm.weight', False)}}
   layers['attention']['q_norm'] = {'scale': stack('self_attn.q_norm.weight', False)}
@@ -401,3 +449,107 @@ def test_qwen3_base_refusals(tiny_checkpoints, qwen3_base):
   with pytest.raises(merge.MergeError, match=f'intermediate_size is {ours + 1}, ours {ours}'):
     merge.merge_checkpoints('linear', wrong, [ft1], out, include='^llm/', alpha=0.5)
   assert not os.path.exists(out) and not os.path.exists(out + '.incomplete')
+
+
+def moe_model_config(**llm):
+  """The default model config with an MoE LLM of these sizes (transformers' names where they
+  differ: num_experts_per_tok, moe_intermediate_size)."""
+  from fac_jax import config as config_lib
+  cfg = config_lib.default_config().model
+  moe = {ours: llm.pop(theirs) for theirs, ours in (
+      ('num_experts', 'num_experts'), ('num_experts_per_tok', 'experts_per_token'),
+      ('moe_intermediate_size', 'moe_mlp_dim'))}
+  cfg.llm.update(llm)
+  cfg.llm.moe.update(moe, norm_topk_prob=True)
+  return cfg
+
+
+def read_checkpoint(path):
+  """A checkpoint's leaves as a nested tree, read without building the model it holds."""
+  leaves = merge.CheckpointLeaves(path)
+  return merge.nest(leaves.read(sorted(leaves.shapes),
+                                merge.leaf_shardings(None, leaves.shapes, None)))
+
+
+def test_streaming_merge_of_moe_checkpoints_keeps_the_router_when_told(moe_trees, tmp_path):
+  base, finetuned = moe_trees
+  cfg = moe_model_config(vocab_size=11, num_layers=2, hidden_size=6, num_experts=7,
+                         num_experts_per_tok=2, moe_intermediate_size=3)
+  paths = [write_tree(str(tmp_path / name), tree, cfg)
+           for name, tree in [('base', base), ('ft1', finetuned[0]), ('ft2', finetuned[1])]]
+  replicated = jax.sharding.NamedSharding(sharding.mesh_in_scope(), jax.sharding.PartitionSpec())
+  expected = methods.merge_trees('ties', jax.device_put(base, replicated),
+                                 [jax.device_put(t, replicated) for t in finetuned[:2]],
+                                 exclude='moe/router', density=0.4)
+  summary = merge.merge_checkpoints('ties', paths[0], paths[1:], str(tmp_path / 'merged'),
+                                    exclude='moe/router', density=0.4)
+  assert (summary.leaves, summary.merged_leaves) == (len(MOE_NAMES), len(MOE_NAMES) - 1)
+  merged = read_checkpoint(summary.path)
+  assert_trees_equal(merged, expected)
+  assert np.array_equal(merged['llm']['decoder']['layers']['moe']['router']['kernel'],
+                        finetuned[0]['llm']['decoder']['layers']['moe']['router']['kernel'])
+
+
+MOE_BASE_SIZES = dict(vocab_size=29, num_layers=2, hidden_size=12, num_heads=3, num_kv_heads=1,
+                      head_dim=4, mlp_dim=20, num_experts=5, num_experts_per_tok=2,
+                      moe_intermediate_size=6)
+
+
+@pytest.fixture(scope='module')
+def qwen3_moe_base(tmp_path_factory):
+  """A random Hugging Face Qwen3MoeForCausalLM saved with save_pretrained (per-expert tensors,
+  transformers 5's config names), the tensors it wrote, and an MoE model config of its sizes."""
+  import torch
+  import transformers
+  from safetensors.numpy import load_file
+  sizes = MOE_BASE_SIZES
+  torch.manual_seed(1)
+  model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+      vocab_size=sizes['vocab_size'], num_hidden_layers=sizes['num_layers'],
+      hidden_size=sizes['hidden_size'], num_attention_heads=sizes['num_heads'],
+      num_key_value_heads=sizes['num_kv_heads'], head_dim=sizes['head_dim'],
+      intermediate_size=sizes['mlp_dim'], num_experts=sizes['num_experts'],
+      num_experts_per_tok=sizes['num_experts_per_tok'],
+      moe_intermediate_size=sizes['moe_intermediate_size'], norm_topk_prob=True,
+      rope_theta=1e6, tie_word_embeddings=False))
+  folder = str(tmp_path_factory.mktemp('qwen3_moe') / 'hf')
+  model.save_pretrained(folder)
+  return folder, load_file(os.path.join(folder, 'model.safetensors')), moe_model_config(**sizes)
+
+
+def test_qwen3_moe_base_is_mapped_onto_our_llm(qwen3_moe_base, tmp_path):
+  folder, state, cfg = qwen3_moe_base
+  hf_llm = hf_llm_leaves(state, cfg.llm.num_layers, cfg.llm.moe.num_experts)
+  assert sum(x.size for x in jax.tree.leaves(hf_llm)) == sum(v.size for v in state.values())
+  rng = np.random.default_rng(4)
+  finetuned = {'llm': jax.tree.map(
+      lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), hf_llm)}
+  ft = write_tree(str(tmp_path / 'ft'), finetuned, cfg)
+  summary = merge.merge_checkpoints('linear', folder, [ft], str(tmp_path / 'merged'),
+                                    exclude='moe/router', alpha=0.5)
+  merged = read_checkpoint(summary.path)
+  expected = jax.tree.map(lambda hf, ft: np.float32(0.5) * hf + np.float32(0.5) * ft,
+                          {'llm': hf_llm}, finetuned)
+  expected['llm']['decoder']['layers']['moe']['router'] = (
+      finetuned['llm']['decoder']['layers']['moe']['router'])
+  for (name, ours), (_, want) in zip(leaves_with_names(merged), leaves_with_names(expected)):
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=0, err_msg=name)
+
+
+def test_qwen3_moe_base_refusals(qwen3_moe_base, tmp_path):
+  folder, _, cfg = qwen3_moe_base
+  ft = write_tree(str(tmp_path / 'ft'), {'llm': {'lm_head': {'kernel': np.zeros((12, 29),
+                                                                             np.float32)}}}, cfg)
+  for edit, match in [
+      (dict(num_local_experts=6), 'sizes differ from the fine-tuned LLM: num_experts is 6, ours 5'),
+      (dict(model_type='qwen3'), "model_type is 'qwen3'; a base folder for this LLM must be a "
+                                 "Hugging Face 'qwen3_moe' causal LM")]:
+    wrong = tmp_path / 'wrong'
+    shutil.rmtree(wrong, ignore_errors=True)
+    shutil.copytree(folder, wrong)
+    hf_config = json.loads((wrong / 'config.json').read_text())
+    (wrong / 'config.json').write_text(json.dumps(hf_config | edit))
+    out = str(tmp_path / 'never')
+    with pytest.raises(merge.MergeError, match=match):
+      merge.merge_checkpoints('linear', str(wrong), [ft], out, include='^llm/', alpha=0.5)
+    assert not os.path.exists(out) and not os.path.exists(out + '.incomplete')

@@ -1,18 +1,25 @@
-"""Incremental decoding over the KV cache reproduces the full causal forward of the decoder stack.
+"""Incremental decoding over the KV cache reproduces the full causal forward of the decoder stack,
+dense or MoE.
 
 Tolerance: float32, max abs error 1e-5 on final hidden states.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from fac_jax import config as config_lib
 from fac_jax.model import qwen3
+from conftest import REPO
 
 
-def test_prefill_then_steps_match_full_forward(tiny_config):
-  cfg = tiny_config.model.llm
+@pytest.mark.parametrize('config_arg', ['stage1', 'moe'])
+def test_prefill_then_steps_match_full_forward(config_arg):
+  cfg = config_lib.load(os.path.join(REPO, 'configs', f'tiny.py:{config_arg}')).model.llm
   stack = nnx.jit(lambda: qwen3.DecoderStack(cfg, dtype=jnp.float32, param_dtype=jnp.float32,
                                              rngs=nnx.Rngs(0)))()
   batch, length, prompt = 2, 11, 4

@@ -9,10 +9,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import pytest
 
 import paths
 
+from fac_jax import sharding
 from fac_jax.scale import aot, aot_table
 
 
@@ -143,3 +147,19 @@ def test_bad_rows_files_are_refused_naming_the_index(tmp_path, rows):
   (tmp_path / 'rows.json').write_text(rows)
   with pytest.raises(ValueError, match='rows.json'):
     aot_table.load_rows(str(tmp_path), paths.REPO)
+
+
+@pytest.mark.parametrize('kept_sharded', ['tensor', 'expert'])
+def test_only_weights_sharded_over_fsdp_are_gathered(kept_sharded):
+  devices = aot.topology_devices('v5p', (2, 2, 1))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(
+      {**{axis: 1 for axis in sharding.MESH_AXES}, 'fsdp': 2, kept_sharded: 2}), devices)
+  spec = jax.sharding.PartitionSpec
+  leaves = {'fsdp_and_other': jax.ShapeDtypeStruct((8, 4), jnp.float32),
+            'other_only': jax.ShapeDtypeStruct((8, 4), jnp.float32),
+            'replicated': jax.ShapeDtypeStruct((6,), jnp.bfloat16)}
+  shardings = {'fsdp_and_other': jax.sharding.NamedSharding(mesh, spec(kept_sharded, 'fsdp')),
+               'other_only': jax.sharding.NamedSharding(mesh, spec(None, kept_sharded)),
+               'replicated': jax.sharding.NamedSharding(mesh, spec())}
+  # A (4, 2) float32 shard, fetched from the one other fsdp shard; nothing else moves.
+  assert aot.gathered_bytes(leaves, shardings) == 4 * 2 * 4
