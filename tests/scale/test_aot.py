@@ -16,7 +16,7 @@ import pytest
 
 import paths
 
-from fac_jax import sharding
+from fac_jax import files, sharding
 from fac_jax.scale import aot, aot_table
 
 
@@ -62,12 +62,16 @@ def reports(tmp_path_factory):
   results = {}
   # DRSR off: one speech code a LLM position, so the same conversations take 5 x the positions.
   no_drsr = ['--config.model.speech.group_size=1', f'--config.data.seq_len={5 * TINY_SEQ_LEN}']
-  for name, program, extra in (('train', 'train', []),
-                               ('decode', 'decode', ['--sessions=4', '--context_seconds=20']),
-                               ('train_k1', 'train', no_drsr)):
+  # The MoE LLM with its experts over 2 chips: megablox's kernel inside the expert shard_map.
+  moe = ['--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.expert=2']
+  for name, config, program, extra in (
+      ('train', 'stage1', 'train', []),
+      ('decode', 'stage1', 'decode', ['--sessions=4', '--context_seconds=20']),
+      ('train_k1', 'stage1', 'train', no_drsr),
+      ('train_moe', 'stage1,moe', 'train', moe)):
     path = out / f'{name}.json'
     run = subprocess.run(
-        [sys.executable, '-m', 'fac_jax.scale.aot', f'--config={paths.TINY_CONFIG}',
+        [sys.executable, '-m', 'fac_jax.scale.aot', f'--config={paths.TINY_CONFIG}:{config}',
          '--topology=v5p:2x2x1', f'--program={program}', f'--out={path}', *extra],
         capture_output=True, text=True, env=env, cwd=paths.REPO, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -96,6 +100,12 @@ def test_report_parts_agree(reports, program):
   roof = report['roofline_estimate']
   assert roof['step_s'] == max(roof['compute_s'], roof['hbm_s'], roof['ici_s']) > 0
   assert 0 < roof['mfu'] <= 1
+
+
+def test_experts_split_over_chips_exchange_tokens(reports):
+  report = reports['train_moe']
+  assert report['mesh']['expert'] == 2 and report['fits']
+  assert report['collectives']['all-to-all']['count'] > 0
 
 
 def test_the_train_step_reduces_gradients_across_chips(reports):
@@ -163,3 +173,12 @@ def test_only_weights_sharded_over_fsdp_are_gathered(kept_sharded):
                'replicated': jax.sharding.NamedSharding(mesh, spec())}
   # A (4, 2) float32 shard, fetched from the one other fsdp shard; nothing else moves.
   assert aot.gathered_bytes(leaves, shardings) == 4 * 2 * 4
+
+
+def test_pages_show_the_tables_of_the_stored_reports():
+  tables = aot_table.tables(os.path.join(paths.REPO, 'reports', 'aot'), paths.REPO) + '\n'
+  for page in ('README.md', 'docs/scale.md', 'reports/aot/report.md'):
+    stale = files.replace_section(os.path.join(paths.REPO, page), aot_table.BEGIN, aot_table.END,
+                                  tables, write=False)
+    assert not stale, (f'{page}: run python -m fac_jax.scale.aot_table --reports=reports/aot '
+                       f'--write={page}')
