@@ -61,12 +61,15 @@ def stacked_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
 
 
 def scan_layers(layers: nnx.Module, x: jax.Array, *args, per_layer=None,
-                remat_policy: str = 'none'):
+                remat_policy: str = 'none', in_place: bool = False):
   """Applies stacked layers in order with one lax.scan.
 
   Each call is layer(x, *args), or with `per_layer` (a pytree whose leaves have a leading layer
   axis, e.g. a KV cache) layer(x, *args, that_layer's_slice). A layer returns x, or (x, y): then
   the y of every layer, stacked (a cache's new slices, a router's logits), are returned with x.
+  With `in_place`, y is that layer's new slice of per_layer, written back into per_layer as it
+  travels in the scan's carry: XLA updates the (donated) buffer in place rather than stacking a
+  second copy of the whole cache.
   """
   graphdef, params = nnx.split(layers)
 
@@ -75,6 +78,18 @@ def scan_layers(layers: nnx.Module, x: jax.Array, *args, per_layer=None,
     layer = nnx.merge(graphdef, layer_params)
     out = layer(carry, *args) if per_layer is None else layer(carry, *args, layer_extra)
     return out if isinstance(out, tuple) else (out, None)
+
+  if in_place:
+    def in_place_body(carry, layer_params):
+      x, stacked, index = carry
+      take = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
+      x, written = body(x, (layer_params, jax.tree.map(take, stacked)))
+      put = lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new.astype(a.dtype), index, 0)
+      return (x, jax.tree.map(put, stacked, written), index + 1), None
+
+    start = (x, per_layer, jnp.zeros((), jnp.int32))
+    (x, per_layer_out, _), _ = jax.lax.scan(in_place_body, start, params)
+    return x, per_layer_out
 
   if remat_policy != 'none':
     if remat_policy not in REMAT_POLICIES:

@@ -143,7 +143,7 @@ class DecoderStack(nnx.Module):
                  'index': jnp.zeros((cache['k'].shape[0],), jnp.int32)}  # one a layer
     x, written = layers.scan_layers(self.layers, x, positions,
                                     attention.Packed(segment_ids, self.attention),
-                                    per_layer=per_layer)
+                                    per_layer=per_layer, in_place=True)
     return self.final_norm(x), {'k': written['k'], 'v': written['v'],
                                 'index': jnp.asarray(x.shape[1], jnp.int32)}
 
@@ -160,7 +160,8 @@ class DecoderStack(nnx.Module):
     mask = valid_slots[:, None, None, :] & (jnp.arange(slots)[None, :] <= query_slots[:, None])
     per_layer = {'k': cache['k'], 'v': cache['v'],
                  'index': jnp.broadcast_to(cache['index'], (cache['k'].shape[0],))}
-    x, written = layers.scan_layers(self.layers, x, positions, mask, per_layer=per_layer)
+    x, written = layers.scan_layers(self.layers, x, positions, mask, per_layer=per_layer,
+                                    in_place=True)
     return self.final_norm(x), {'k': written['k'], 'v': written['v'],
                                 'index': cache['index'] + x.shape[1]}
 

@@ -154,16 +154,16 @@ def drsr_table(rows) -> str:
 
 def inference_table(rows) -> str:
   lines = ['| slice | code | mesh | weights | sessions x context | decode per-chip GiB (args + '
-           'temps + code) | of which KV caches | prefill per-chip GiB | HBM bytes a 5 Hz step reads | step floor |'
+           'temps + code) | of HBM | fits (<= 90 %) | of which KV caches | prefill per-chip GiB | HBM bytes a 5 Hz step reads | step floor |'
            ' real-time factor floor | first audio floor |',
-           '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|']
+           '|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|']
   for entry, r, cfg in rows:
     if r['program'] != 'decode':
       continue
     d, roof = r['decode'], r['roofline_estimate']
     prefill = sum(d['prefill_memory_per_chip_bytes'].values())
     lines.append(f"| {r['topology']} | {entry['code']} | {_mesh(r)} | {cfg.model.param_dtype} | "
-                 f"{d['sessions']} x {d['context_seconds']:g} s | {_memory(r)} | {_gib(d['state_bytes_per_chip'])} | "
+                 f"{d['sessions']} x {d['context_seconds']:g} s | {_memory(r)} | {' | '.join(_fits(r))} | {_gib(d['state_bytes_per_chip'])} | "
                  f"{_gib(prefill)} | {roof['hbm_bytes_per_step'] / GIB:.2f} GiB | "
                  f"{roof['step_s'] * 1e3:.1f} ms | {d['real_time_factor_floor']:.3f} | "
                  f"{d['first_audio_floor_s'] * 1e3:.0f} ms |")
