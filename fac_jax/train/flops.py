@@ -2,12 +2,20 @@
 train-speed benchmark and the ahead-of-time report (XLA's cost analysis counts a scanned layer
 stack once)."""
 
+from fac_jax.model import moe
+
 
 def decoder_matmul_params(cfg) -> int:
-  """Matmul weights one position meets in a Qwen3 stack (q, k, v, o and the SwiGLU MLP)."""
+  """Matmul weights one position meets in a Qwen3 stack: q, k, v, o and the SwiGLU MLP, or in an
+  MoE stack the router and its experts_per_token experts."""
+  d = cfg.hidden_size
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  per_layer = 2 * cfg.hidden_size * q + 2 * cfg.hidden_size * kv + 3 * cfg.hidden_size * cfg.mlp_dim
-  return cfg.num_layers * per_layer
+  if moe.is_sparse_stack(cfg):
+    feed_forward = (3 * d * cfg.moe.moe_mlp_dim * cfg.moe.experts_per_token
+                    + d * cfg.moe.num_experts)
+  else:
+    feed_forward = 3 * d * cfg.mlp_dim
+  return cfg.num_layers * (2 * d * q + 2 * d * kv + feed_forward)
 
 
 def attention_flops(num_layers, sequences, queries, keys, heads, head_dim) -> float:

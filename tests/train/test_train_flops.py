@@ -11,6 +11,7 @@ from flax import nnx
 
 import paths
 
+from fac_jax import config as config_lib
 from fac_jax.model import fun_audio_chat
 from fac_jax.train import flops, steps
 
@@ -70,3 +71,21 @@ def test_k1_and_k5_batches_carry_the_same_audio_and_text(tiny_config):
     user_frames += int(batch1['continuous_mask'][row].sum())
     assistant_codes += len(contents[1]['codes'])
   assert assistant_codes > 0 and frames == user_frames + assistant_codes
+
+
+@pytest.mark.parametrize('options', ['stage1', 'stage1,moe'])
+def test_matmul_weights_a_position_meets_are_counted_from_the_model(options):
+  cfg = config_lib.load(f'{paths.TINY_CONFIG}:{options}').model
+  llm = nnx.to_pure_dict(nnx.state(fun_audio_chat.abstract_model(cfg)))['llm']['decoder']['layers']
+  size = lambda leaf: int(np.prod(leaf.shape))
+  attention = sum(size(llm['attention'][name]['kernel'])
+                  for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'))
+  if 'moe' in llm:
+    experts = llm['moe']
+    feed_forward = (size(experts['router']['kernel']) + sum(
+        size(experts[name]) for name in ('gate_proj', 'up_proj', 'down_proj'))
+        * cfg.llm.moe.experts_per_token // cfg.llm.moe.num_experts)
+  else:
+    feed_forward = sum(size(llm['mlp'][name]['kernel'])
+                       for name in ('gate_proj', 'up_proj', 'down_proj'))
+  assert flops.decoder_matmul_params(cfg.llm) == attention + feed_forward
