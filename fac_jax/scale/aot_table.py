@@ -98,6 +98,12 @@ def _mfu(report: dict) -> str:
   return f"{100 * roof['mfu']:.0f} % ({roof['bound_by']}-bound)"
 
 
+def _model(report: dict) -> str:
+  """The config file a report compiled, e.g. fac_8b."""
+  config = next(part for part in shlex.split(report['command']) if part.startswith('--config='))
+  return os.path.splitext(os.path.basename(config.split('=', 1)[1].split(':')[0]))[0]
+
+
 def _step(report: dict) -> str:
   return f"{report['roofline_estimate']['step_s']:.2f} s" if report['fits'] else 'n/a'
 
@@ -112,14 +118,15 @@ def _wall(report: dict) -> str:
 
 
 def train_table(rows) -> str:
-  lines = ['| slice | code | mesh | remat | micro-batches | rows a chip | per-chip GiB (args + temps'
+  lines = ['| model | slice | code | mesh | remat | micro-batches | rows a chip | per-chip GiB (args + temps'
            ' + code) | of HBM | fits (<= 90 %) | estimated step | estimated MFU | compile wall |',
-           '|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|']
+           '|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|']
   for entry, r, cfg in rows:
     if r['program'] != 'train' or cfg.model.speech.group_size != 5:
       continue
     share, fits = _fits(r)
-    lines.append(f"| {r['topology']} | {entry['code']} | {_mesh(r)} | {r['remat_policy']} | "
+    lines.append(f"| {_model(r)} | {r['topology']} | {entry['code']} | {_mesh(r)} | "
+                 f"{r['remat_policy']} | "
                  f"{cfg.train.grad_accum_steps} | {r['rows_per_chip']:g} | {_memory(r)} | {share} | {fits} | "
                  f"{_step(r)} | {_mfu(r)} | {_wall(r)} |")
   return '\n'.join(lines)
@@ -172,7 +179,7 @@ def inference_table(rows) -> str:
 
 def tables(folder: str, root: str = fingerprint.REPO) -> str:
   rows = load_rows(folder, root)
-  return '\n\n'.join(['Training, released settings:', train_table(rows),
+  return '\n\n'.join(['Training at the released settings:', train_table(rows),
                       'DRSR (k = 5 against k = 1, the same conversations):', drsr_table(rows),
                       'Inference:', inference_table(rows)])
 
