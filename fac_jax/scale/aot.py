@@ -258,6 +258,16 @@ def decode_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: 
               prefill=prefill, prefill_memory=memory_by_kind(compiled_prefill))
 
 
+def refused_temporaries(message: str) -> int | None:
+  """Bytes of temporaries the TPU compiler asked for when it refused a program for HBM, from its
+  message (two forms: the temporaries alone exceed HBM, or with the arguments they do); None for
+  any other error."""
+  needed = (re.search(r'HLO temporaries \(([\d.]+)G\) exceeds available HBM', message)
+            or ('Ran out of memory in memory space hbm' in message
+                and re.search(r'HLO temp\s+([\d.]+)G', message)))
+  return int(float(needed.group(1)) * GIB) if needed else None
+
+
 def memory_by_kind(compiled) -> dict:
   stats = compiled.memory_analysis()
   return {'arguments': stats.argument_size_in_bytes,
@@ -317,9 +327,8 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
     try:
       compiled, refusal = built['jitted'].lower(*built['args']).compile(), None
     except jax.errors.JaxRuntimeError as e:
-      # The TPU compiler refuses a program whose temporaries alone exceed HBM, saying how much.
-      needed = re.search(r'HLO temporaries \(([\d.]+)G\) exceeds available HBM', str(e))
-      if not needed:
+      needed = refused_temporaries(str(e))
+      if needed is None:
         raise
       compiled, refusal = None, str(e).splitlines()[0]
   compile_s = time.time() - start
@@ -327,7 +336,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
     memory = memory_by_kind(compiled)
   else:  # arguments as placed; temporaries as the compiler's refusal states them
     memory = {'arguments': sum(built['kinds'].values()), 'outputs': 0,
-              'temporaries': int(float(needed.group(1)) * GIB), 'code': 0}
+              'temporaries': needed, 'code': 0}
   total = sum(memory.values())
   hbm = chip.hbm_gib * GIB
   data_shards = sharding.batch_shards(mesh)
@@ -340,7 +349,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
       'rows_per_chip': built['rows'] / data_shards,
       'memory_per_chip_bytes': {**memory, 'total': total},
       'arguments_by_kind_bytes': built['kinds'],
-      'hbm_bytes': hbm, 'fits': total <= hbm, 'headroom_bytes': hbm - total,
+      'hbm_bytes': hbm, 'fits': refusal is None and total <= hbm, 'headroom_bytes': hbm - total,
       'hbm_share': total / hbm, 'compile_seconds': compile_s,
       'compiler_refused': refusal,
       'collectives': collectives(compiled.as_text()) if compiled is not None else None,

@@ -86,9 +86,11 @@ def _memory(report: dict) -> str:
   return f"{_gib(m['total'])} ({_gib(m['arguments'])} + {_gib(m['temporaries'])} + {_gib(m['code'])})"
 
 
-def _fits(report: dict) -> str:
-  return f"{100 * report['hbm_share']:.0f} % of {report['hbm_bytes'] / GIB:.0f}", \
-      'yes' if report['hbm_share'] <= FIT_SHARE else 'no'
+def _fits(report: dict) -> tuple[str, str]:
+  """(share of HBM, fits under the target): a program the compiler refused never fits."""
+  fits = report['fits'] and report['hbm_share'] <= FIT_SHARE
+  return (f"{100 * report['hbm_share']:.0f} % of {report['hbm_bytes'] / GIB:.0f}",
+          'yes' if fits else 'no, refused by the compiler' if report['compiler_refused'] else 'no')
 
 
 def _mfu(report: dict) -> str:

@@ -182,3 +182,17 @@ def test_pages_show_the_tables_of_the_stored_reports():
                                   tables, write=False)
     assert not stale, (f'{page}: run python -m fac_jax.scale.aot_table --reports=reports/aot '
                        f'--write={page}')
+
+
+@pytest.mark.parametrize('message, gib', [
+    ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries '
+     '(50.17G) exceeds available HBM (31.25G).', 50.17),
+    ('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of '
+     'memory in memory space hbm. Used 31.25G of 31.25G hbm. Exceeded hbm capacity by 6.45M.\n\n'
+     'Total hbm usage >= 31.51G:\n    reserved        260.02M \n    program          20.14G \n'
+     '    arguments        11.11G \n\nProgram hbm requirement 20.14G:\n    reserved          5.16M\n'
+     '    HLO temp         20.12G (87.0% utilization: Unpadded (7.52G) Padded (8.65G))', 20.12),
+    ('INTERNAL: something else (HLO temp 3.0G)', None)])
+def test_the_compilers_hbm_refusals_give_the_temporaries_it_asked_for(message, gib):
+  needed = aot.refused_temporaries(message)
+  assert needed == (None if gib is None else int(gib * aot.GIB))
