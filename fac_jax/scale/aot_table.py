@@ -1,13 +1,12 @@
 """Markdown tables of stored ahead-of-time reports (fac_jax.scale.aot's JSON), so the tables in
-reports/aot/report.md and docs/scale.md are made from the tool's output, never typed.
+README.md, docs/scale.md and reports/aot/report.md are made from the tool's output, never typed:
 
-  python -m fac_jax.scale.aot_table --reports=reports/aot \
-      [--write=README.md,docs/scale.md,reports/aot/report.md]
+  python -m fac_jax.scale.aot_table --reports=reports/aot --write=README.md,docs/scale.md
 
 prints the tables, and with --write puts them between the <!-- aot:begin --> and <!-- aot:end -->
-lines of those pages. The folder's rows.json lists the rows in order: {"file": one report's JSON, "code": what code it
-compiled}. Train rows, DRSR rows (train rows at another speech group size) and inference rows
-(decode reports, which carry their prefill) go to three tables.
+lines of those pages. The folder's rows.json lists the rows in order: {"file": one report's
+JSON, "code": what code it compiled}. Train rows, DRSR rows (train rows at another speech group
+size) and inference rows (decode reports, which carry their prefill) go to three tables.
 """
 
 import ast
