@@ -65,6 +65,22 @@ def test_spoken_answer_is_written(setup, stream):
   assert 0 < len(waveform) <= codes * 640 and np.isfinite(waveform).all()
 
 
+def test_an_imported_moe_checkpoint_answers_through_the_same_command(setup, tmp_path):
+  _, _, detokenizer, question = setup
+  reference = official_checkpoint.write_official_checkpoint(str(tmp_path / 'hf'), seed=8, moe=True)
+  ckpt = convert.import_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'ckpt'))
+  experts = reference['config']['text_config'].get('num_experts') or \
+      reference['config']['text_config']['num_local_experts']
+  assert checkpoint.load_config(ckpt).llm.moe.num_experts == experts > 0
+  out = tmp_path / 'answer.wav'
+  result = chat(f'--ckpt={ckpt}', f'--audio={question}', f'--out={out}',
+                f'--detokenizer={detokenizer}', '--max_new_tokens=12', '--greedy')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines()[-1].startswith(f'wrote {out}')
+  waveform, rate = soundfile.read(out)
+  assert rate == 16000 and np.isfinite(waveform).all()
+
+
 def test_bad_audio_is_refused(setup, tmp_path):
   _, ckpt, _, question = setup
   empty = tmp_path / 'empty.wav'
