@@ -1,8 +1,7 @@
 """Benchmark: how much multi-task DPO moves the held-out SFT loss, across data-order seeds, from a
 finished main job's stage 2 (one seed measured +12.5 % in one run and +18.1 % in another).
 
-  python benchmarks/dpo_seeds.py --workdir=/tmp/fac_jax_pipeline [--seeds=1,2] \
-      [--out=reports/dpo_seeds]
+  python benchmarks/dpo_seeds.py --workdir=/tmp/fac_jax_pipeline [--seeds=1,2] [--out=DIR]
 
 Seed 0 is the main job's own DPO stage (its evaluation is read from DIR/eval/dpo.json); every
 other seed reruns the same DPO stage from stage 2 with `config.seed` set to it (the order of the
@@ -20,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fac_jax import files, fingerprint, sharding  # noqa: E402
+from fac_jax import sharding  # noqa: E402
 from fac_jax.evaluation import spoken_eval  # noqa: E402
 from fac_jax.merging import merge_study  # noqa: E402
 from fac_jax.pipeline import main_job, reports  # noqa: E402
@@ -78,17 +77,7 @@ def main(argv):
             for r in rows]
   lines += ['', f'Mean {summary["mean_change"]:+.1%}, from {summary["min_change"]:+.1%} to '
             f'{summary["max_change"]:+.1%} over {len(rows)} seeds.']
-  record = {'command': [os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]],
-            **fingerprint.git_state(), 'machine': reports.machine(),
-            'wall_seconds': time.time() - start, 'results': summary}
-  lines += ['', f'Commit {record["commit"]}{" (uncommitted changes)" if record["dirty"] else ""}'
-            f', {record["machine"]["cpus"]} CPUs, {record["wall_seconds"]:.0f} s: '
-            f'`{" ".join(record["command"])}`.']
-  os.makedirs(flags.FLAGS.out, exist_ok=True)
-  files.write_atomically(os.path.join(flags.FLAGS.out, 'report.json'),
-                         json.dumps(record, indent=1) + '\n')
-  files.write_atomically(os.path.join(flags.FLAGS.out, 'report.md'), '\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  reports.write_benchmark_report(flags.FLAGS.out, lines, summary, start)
 
 
 if __name__ == '__main__':

@@ -4,13 +4,11 @@ speech) are merged linearly over the LLM at each alpha twice: router included, a
 from M_1 (`--exclude=moe/router`); both are measured as the merge study measures (knowledge: text
 loss and accuracy on the facts; task: text and speech loss on held-out speech).
 
-  python benchmarks/moe_router_merge.py [--workdir=/tmp/moe_router_merge] \
-      [--out=reports/moe_router_merge] [--steps=40]
+  python benchmarks/moe_router_merge.py [--workdir=DIR] [--out=DIR] [--steps=40]
 
 Writes <out>/report.md and report.json (command, commit, machine, wall time).
 """
 
-import json
 import os
 import sys
 import time
@@ -18,7 +16,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fac_jax import config as config_lib, files, fingerprint  # noqa: E402
+from fac_jax import config as config_lib, fingerprint  # noqa: E402
 from fac_jax.data import prepare, synth  # noqa: E402
 from fac_jax.merging import merge_study  # noqa: E402
 from fac_jax.pipeline import reports  # noqa: E402
@@ -80,17 +78,7 @@ def main(argv):
           for a, b in zip(merged, kept) if 0 < a['alpha'] < 1]
   lines += ['', f'Largest relative difference in knowledge text loss between the two, over the '
             f'alphas strictly between 0 and 1: {max(gaps):.1%}.']
-  record = {'command': [os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]],
-            **fingerprint.git_state(), 'machine': reports.machine(),
-            'wall_seconds': time.time() - start, 'results': results}
-  lines += ['', f'Commit {record["commit"]}{" (uncommitted changes)" if record["dirty"] else ""}'
-            f', {record["machine"]["cpus"]} CPUs, {record["wall_seconds"]:.0f} s: '
-            f'`{" ".join(record["command"])}`.']
-  os.makedirs(flags.FLAGS.out, exist_ok=True)
-  files.write_atomically(os.path.join(flags.FLAGS.out, 'report.json'),
-                         json.dumps(record, indent=1) + '\n')
-  files.write_atomically(os.path.join(flags.FLAGS.out, 'report.md'), '\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  reports.write_benchmark_report(flags.FLAGS.out, lines, results, start)
 
 
 if __name__ == '__main__':

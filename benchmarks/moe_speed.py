@@ -28,6 +28,7 @@ from fac_jax import config as config_lib  # noqa: E402
 from fac_jax.data import synthetic  # noqa: E402
 from fac_jax.model import fun_audio_chat, moe  # noqa: E402
 from fac_jax.train import steps  # noqa: E402
+from train_speed import print_table  # noqa: E402  (this folder is on the path of a script run)
 
 TINY = os.path.join(os.path.dirname(__file__), '..', 'configs', 'tiny.py')
 
@@ -108,16 +109,6 @@ def ragged_dot_seconds(rows: int, groups: int, width: int, repeats: int) -> floa
   weights = jnp.ones((groups, width, width), jnp.float32)
   sizes = jnp.full((groups,), rows // groups, jnp.int32)
   return median_seconds(jax.jit(jax.lax.ragged_dot), (x, weights, sizes), repeats)
-
-
-def print_table(header: tuple, rows: list) -> None:
-  widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-  line = lambda cells: '| ' + ' | '.join(str(c).ljust(w) for c, w in zip(cells, widths)) + ' |'
-  print(line(header))
-  print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-  for row in rows:
-    print(line(row))
-  print()
 
 
 def main():

@@ -18,11 +18,5 @@ def get_config(stage=None):
   config.model.llm.moe.update(num_experts=128, experts_per_token=8, moe_mlp_dim=768,
                               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(),
                               router_aux_loss_coef=0.001)
-  # As configs/fac_8b.py: the released SFT settings (DESIGN.md section 2), bf16, full remat, the
-  # losses in 512-position chunks.
-  config.model.dtype = 'bfloat16'
-  config.model.remat_policy = 'full'
-  config.model.loss_chunk_positions = 512
-  config.data.update(seq_len=2048, batch_size=256)
-  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  base.use_released_sft_settings(config)  # as configs/fac_8b.py
   return config

@@ -60,6 +60,17 @@ def train_config(stage: str = 'stage1') -> ml_collections.ConfigDict:
   return train
 
 
+def use_released_sft_settings(config: ml_collections.ConfigDict) -> None:
+  """The released SFT settings (DESIGN.md section 2) of the full-size configs: 2048-position rows,
+  global batch 256, packing, bf16 compute, full remat, fsdp over every device, and the losses in
+  512-position chunks (a row's float32 text logits 311 MB at a time, not 1.2 GB)."""
+  config.model.dtype = 'bfloat16'
+  config.model.remat_policy = 'full'
+  config.model.loss_chunk_positions = 512
+  config.data.update(seq_len=2048, batch_size=256)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+
+
 def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 

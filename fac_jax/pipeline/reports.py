@@ -51,6 +51,23 @@ def machine() -> dict:
           'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind}'}
 
 
+def write_benchmark_report(out: str, lines: list[str], results, started: float) -> dict:
+  """<out>/report.md (`lines`, then a line with the commit, machine, wall time and command) and
+  <out>/report.json (the same with `results`) of a benchmark started at `started`; the record."""
+  record = {'command': [os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]],
+            **fingerprint.git_state(), 'machine': machine(),
+            'wall_seconds': time.time() - started, 'results': results}
+  lines = lines + ['', f'Commit {record["commit"]}'
+                   f'{" (uncommitted changes)" if record["dirty"] else ""}, '
+                   f'{record["machine"]["cpus"]} CPUs, {record["wall_seconds"]:.0f} s: '
+                   f'`{" ".join(record["command"])}`.']
+  os.makedirs(out, exist_ok=True)
+  files.write_atomically(os.path.join(out, 'report.json'), json.dumps(record, indent=1) + '\n')
+  files.write_atomically(os.path.join(out, 'report.md'), '\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+  return record
+
+
 def _sha256(path: str) -> str:
   with open(path, 'rb') as f:
     return hashlib.sha256(f.read()).hexdigest()
@@ -63,8 +80,8 @@ def write_results(workdir: str, results: dict, started: float, compute_seconds: 
   stage summed over the invocations that made them."""
   finished = time.time()
   record = {'command': [os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]],
-            **fingerprint.git_state(repo), 'machine': machine(), 'started': started, 'finished': finished,
-            'wall_seconds': finished - started, 'compute_seconds': compute_seconds,
+            **fingerprint.git_state(repo), 'machine': machine(), 'started': started,
+            'finished': finished, 'wall_seconds': finished - started, 'compute_seconds': compute_seconds,
             'report_sha256': _sha256(os.path.join(workdir, 'report.md')), 'results': results}
   # default=float: metrics may be numpy scalars.
   files.write_atomically(os.path.join(workdir, RESULTS_FILE),

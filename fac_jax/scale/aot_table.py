@@ -10,14 +10,13 @@ size) and inference rows (decode reports, which carry their prefill) go to three
 """
 
 import ast
-import importlib.util
 import json
 import os
 import shlex
 
 from absl import app, flags
 
-from fac_jax import files, fingerprint
+from fac_jax import config as config_lib, files, fingerprint
 
 GIB = 1 << 30
 ROWS_FILE = 'rows.json'
@@ -53,11 +52,7 @@ def config_of(command: str, root: str):
   for part in shlex.split(command):
     name, _, value = part.partition('=')
     if name == '--config':
-      path, _, stage = value.partition(':')
-      spec = importlib.util.spec_from_file_location('aot_row_config', os.path.join(root, path))
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      config = module.get_config(stage or None)
+      config = config_lib.load(os.path.join(root, value))
     elif name.startswith('--config.'):
       overrides[name[len('--config.'):]] = value
   if config is None:

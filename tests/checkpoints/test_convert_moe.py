@@ -219,11 +219,15 @@ def test_more_experts_in_config_than_in_the_files(hf_copy, tmp_path):
       f'(expert 7 of layer 0); {promise(8)}')
 
 
+def shard_of(folder, key: str) -> str:
+  with open(folder / 'model.safetensors.index.json') as f:
+    return json.load(f)['weight_map'][key]
+
+
 def test_fewer_experts_in_config_than_in_the_files(hf_copy, tmp_path):
   edit_config(hf_copy, num_experts=6)
   extra = EXPERT.format(0, 6, 'down_proj')
-  with open(hf_copy / 'model.safetensors.index.json') as f:
-    shard = json.load(f)['weight_map'][extra]
+  shard = shard_of(hf_copy, extra)
   assert refused(hf_copy, tmp_path) == (
       f'{hf_copy}/{shard}: tensor {extra} is expert 6 of layer 0, beyond what the config '
       f'expects: {promise(6)}')
@@ -232,8 +236,7 @@ def test_fewer_experts_in_config_than_in_the_files(hf_copy, tmp_path):
 def test_router_of_the_wrong_width(hf_copy, tmp_path):
   router = GATE.format(1)
   rewrite_sharded_folder(hf_copy, lambda tensors: tensors.update({router: tensors[router][:6]}))
-  with open(hf_copy / 'model.safetensors.index.json') as f:
-    shard = json.load(f)['weight_map'][router]
+  shard = shard_of(hf_copy, router)
   assert refused(hf_copy, tmp_path) == (
       f'{hf_copy}/{shard}: tensor {router} has shape [6, 56]; expected [7, 56] (num_experts, '
       f'hidden_size): {promise(7)}')
