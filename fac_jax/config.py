@@ -55,9 +55,24 @@ def train_config(stage: str = 'stage1') -> ml_collections.ConfigDict:
       # (first step, count): a jax.profiler trace of steps first .. first + count - 1 (numbered
       # as logged, from 1; step 1 compiles) in <workdir>/profile, for TensorBoard's profile tab.
       # A count of 0 traces nothing.
-      profile_steps=(0, 0)))
+      profile_steps=(0, 0),
+      lora=lora_config()))
   train.update(STAGES[stage])
   return train
+
+
+def lora_config() -> ml_collections.ConfigDict:
+  """LoRA / QLoRA adapters through qwix (fac_jax.model.lora); rank 0 trains fully."""
+  return ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0,
+      dropout=0.0,  # only 0: the train step is deterministic
+      # qwix module_path: re.fullmatch on module paths such as llm/decoder/layers/mlp/up_proj;
+      # by default the attention and MLP projections of the shared LLM.
+      targets=r'llm/decoder/layers/(attention/[qkvo]_proj|mlp/(gate|up|down)_proj)',
+      # Regexes (re.search) of parameter paths trained fully beside the adapters, e.g.
+      # '^adapters/'; every other base weight is frozen.
+      train_fully=(),
+      base_quantization='none'))  # QLoRA: 'int8' or 'int4' base weights under the adapters
 
 
 def use_released_sft_settings(config: ml_collections.ConfigDict) -> None:

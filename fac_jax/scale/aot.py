@@ -179,7 +179,7 @@ def train_program(cfg: ml_collections.ConfigDict, mesh) -> dict:
   batch = abstract_batch(cfg.model, cfg.data.batch_size, cfg.data.seq_len, cfg.data.num_windows)
   step, batch_shardings = steps.jit_train_step(
       cfg.model, graphdef, optimizer, mesh, param_shardings, opt_shardings, batch,
-      cfg.train.grad_accum_steps, cfg.train.frozen)
+      cfg.train.grad_accum_steps, optim.frozen_patterns(cfg.train))
   model_flops = flops.analytic_flops(cfg.model, cfg.data.batch_size, cfg.data.seq_len,
                                      cfg.data.num_windows)
   return dict(

@@ -273,7 +273,7 @@ def jit_dpo_steps(cfg: ml_collections.ConfigDict, graphdef, optimizer, mesh: jax
   batch_shardings = input_pipeline.global_batch_shardings(batch_example, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_step = jax.jit(make_dpo_step(graphdef, optimizer, cfg.dpo, cfg.train.grad_accum_steps,
-                                     cfg.train.frozen),
+                                     optim.frozen_patterns(cfg.train)),
                        in_shardings=(param_shardings, opt_shardings, param_shardings,
                                      batch_shardings),
                        out_shardings=(param_shardings, opt_shardings, replicated),

@@ -1,5 +1,6 @@
 """Optimizer of a training stage: warm-up then cosine to a floor, AdamW, global-norm clipping, and
-freezing by parameter-path patterns (frozen leaves get no update and no optimizer moments)."""
+freezing by parameter-path patterns (frozen leaves get no update and no optimizer moments; with
+LoRA every leaf but the adapters and train.lora.train_fully's)."""
 
 import re
 
@@ -39,9 +40,20 @@ def stop_frozen_gradients(params: dict, frozen_patterns) -> dict:
                       trainable_mask(params, frozen_patterns))
 
 
+def frozen_patterns(train: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """train.frozen and, with LoRA (train.lora.rank > 0), one more pattern that freezes every leaf
+  but the adapters and those train.lora.train_fully names. A lookahead `(?!.*(?:P))` at the start
+  of a pattern is `not re.search(P, path)`."""
+  if not train.lora.rank:
+    return tuple(train.frozen)
+  kept = ''.join(f'(?!.*(?:{p}))' for p in ('/kernel_lora_[ab]$', *train.lora.train_fully))
+  return (*train.frozen, '^' + kept)
+
+
 def make_optimizer(train: ml_collections.ConfigDict, params: dict) -> optax.GradientTransformation:
-  """The stage's optimizer for a parameter tree (concrete or abstract)."""
-  mask = trainable_mask(params, train.frozen)
+  """The stage's optimizer for a parameter tree (concrete or abstract): moments only for the
+  leaves that train."""
+  mask = trainable_mask(params, frozen_patterns(train))
   if not any(jax.tree.leaves(mask)):
     raise ValueError(f'train.frozen={list(train.frozen)} freezes every parameter')
   adamw = optax.chain(
@@ -50,3 +62,16 @@ def make_optimizer(train: ml_collections.ConfigDict, params: dict) -> optax.Grad
                   eps=train.adam_eps, weight_decay=train.weight_decay))
   return optax.multi_transform({'train': adamw, 'frozen': optax.set_to_zero()},
                                jax.tree.map(lambda t: 'train' if t else 'frozen', mask))
+
+
+def select(tree: dict, mask: dict) -> dict:
+  """The subtree of `tree`'s leaves whose `mask` leaf is True (empty branches left out)."""
+  out = {}
+  for name, node in tree.items():
+    if isinstance(node, dict):
+      inner = select(node, mask[name])
+      if inner:
+        out[name] = inner
+    elif mask[name]:
+      out[name] = node
+  return out

@@ -29,6 +29,7 @@ import time
 from absl import app, flags, logging
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -38,9 +39,9 @@ from ml_collections import config_flags
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from fac_jax import cli, fingerprint, sharding
-from fac_jax.checkpoints import checkpoint, whisper
+from fac_jax.checkpoints import adapters, checkpoint, whisper
 from fac_jax.data import input_pipeline, prepare
-from fac_jax.model import fun_audio_chat
+from fac_jax.model import fun_audio_chat, lora as lora_lib
 from fac_jax.train import dpo, held_out, optim, steps
 
 
@@ -206,8 +207,10 @@ def settings(cfg: ml_collections.ConfigDict) -> dict:
   """What a run's checkpoints depend on: the model, batch and update settings, and the
   fingerprints of its training split and of the checkpoints it starts from (and, for DPO,
   compares with)."""
+  # Without adapters the LoRA fields change nothing: left out, runs from before they existed match.
+  untracked = UNTRACKED if lora_lib.enabled(cfg.train.lora) else (*UNTRACKED, 'lora')
   config = {'model': cfg.model, 'seed': cfg.seed,
-            'train': {k: v for k, v in cfg.train.items() if k not in UNTRACKED},
+            'train': {k: v for k, v in cfg.train.items() if k not in untracked},
             'data': {k: cfg.data[k] for k in TRACKED_DATA}}
   inputs = {'data': prepare.split_fingerprint(cfg.data.dir, cfg.data.train_split)}
   if cfg.train.init_checkpoint:
@@ -262,9 +265,17 @@ class Trainer:
     prepare.check_dataset(cfg.data.dir, cfg.model)
     self._claim_workdir(on_mismatch)
     self.mesh = sharding.make_mesh(cfg.mesh)
-    abstract = fun_audio_chat.abstract_model(cfg.model)
+    self.lora = lora_lib.enabled(self.train.lora)
+    if self.lora and not self.train.init_checkpoint:
+      raise TrainingError('train.lora.rank > 0 trains adapters of a base model: set '
+                          'train.init_checkpoint to it')
+    abstract = lora_lib.abstract_model(cfg.model, self.train.lora)
     self.graphdef, abstract_state = nnx.split(abstract)
     self.abstract_params = nnx.to_pure_dict(abstract_state)  # ShapeDtypeStructs
+    # What checkpoints hold: with LoRA only the trained leaves (the base is init_checkpoint).
+    self.saved_mask = (optim.trainable_mask(self.abstract_params,
+                                            optim.frozen_patterns(self.train))
+                       if self.lora else jax.tree.map(lambda _: True, self.abstract_params))
     self.optimizer = optim.make_optimizer(self.train, self.abstract_params)
     self.param_shardings = sharding.param_shardings(abstract_state, self.mesh)
     self.opt_shardings = steps.optimizer_shardings(
@@ -306,13 +317,10 @@ class Trainer:
   def initial_state(self) -> TrainState:
     """Random (with a pretrained encoder where model.encoder.pretrained says) or
     `init_checkpoint` parameters, fresh optimizer state."""
-    init_checkpoint = self.train.init_checkpoint
-    if init_checkpoint:
-      reader = checkpoint.Reader(init_checkpoint, self.mesh)
-      if reader.shapes != jax.tree.map(lambda s: s.shape, self.abstract_params):
-        raise TrainingError(f'train.init_checkpoint={init_checkpoint}: its parameter shapes do '
-                            'not match config.model')
-      params = reader.load(self.cfg.model.param_dtype)
+    if self.train.init_checkpoint:
+      params = self._base_params()
+      if self.lora:
+        params = lora_lib.insert(params, self._initial_adapters())
     else:
       _, params, _, _, _ = steps.init_sharded(self.cfg.model, self.optimizer, self.mesh,
                                               self.cfg.seed)
@@ -321,24 +329,51 @@ class Trainer:
     opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
     return TrainState(params, opt_state)
 
+  def _base_params(self) -> dict:
+    """train.init_checkpoint's parameters (an adapter checkpoint folded onto its base)."""
+    path = self.train.init_checkpoint
+    try:
+      params = adapters.load_params(path, self.mesh, self.cfg.model.param_dtype)
+    except (adapters.AdapterError, FileNotFoundError, ValueError) as e:
+      raise TrainingError(f'train.init_checkpoint={path}: {e}') from None
+    plain = fun_audio_chat.abstract_model(self.cfg.model)
+    if (jax.tree.map(lambda x: x.shape, params)
+        != jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(plain)))):
+      raise TrainingError(f'train.init_checkpoint={path}: its parameter shapes do not match '
+                          'config.model')
+    return params
+
+  def _initial_adapters(self) -> dict:
+    """The adapters at initialisation (B = 0), made in their shardings."""
+    adapter_shardings = lora_lib.adapter_leaves(self.param_shardings)
+    make = lambda: lora_lib.adapter_leaves(nnx.to_pure_dict(nnx.state(
+        lora_lib.create(self.cfg.model, self.train.lora, self.cfg.seed))))
+    return jax.jit(make, out_shardings=adapter_shardings)()
+
   def restore(self, step: int) -> TrainState:
     """The state saved at `step`, placed straight into this run's shardings (the saving run may
     have used another mesh), and the data iterator moved to where it was."""
     abstract_opt = jax.eval_shape(self.optimizer.init, self.abstract_params)
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    target = {'params': jax.tree.map(with_sharding, self.abstract_params, self.param_shardings),
+    saved = optim.select(jax.tree.map(with_sharding, self.abstract_params, self.param_shardings),
+                         self.saved_mask)
+    target = {'params': saved,
               'opt_state': jax.tree.map(with_sharding, abstract_opt, self.opt_shardings)}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
         data=grain.checkpoint.CheckpointRestore(self.train_data),
         progress=ocp.args.JsonRestore()))
     progress = restored['progress']
-    return TrainState(restored['state']['params'], restored['state']['opt_state'],
+    params = restored['state']['params']
+    if self.lora:
+      params = lora_lib.insert(self._base_params(), params)
+    return TrainState(params, restored['state']['opt_state'],
                       progress['step'], progress['skipped_in_row'])
 
   def save(self, state: TrainState, metrics: dict | None, force: bool = False) -> None:
     self.manager.save(state.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({'params': state.params, 'opt_state': state.opt_state}),
+        state=ocp.args.StandardSave({'params': optim.select(state.params, self.saved_mask),
+                                     'opt_state': state.opt_state}),
         data=grain.checkpoint.CheckpointSave(self.train_data),
         progress=ocp.args.JsonSave({'step': state.step, 'skipped_in_row': state.skipped_in_row,
                                     'stage': self.train.stage})),
@@ -428,7 +463,8 @@ class Trainer:
     shardings = input_pipeline.global_batch_shardings(first, self.mesh)
     sft_step, _ = steps.jit_train_step(cfg.model, self.graphdef, self.optimizer, self.mesh,
                                        self.param_shardings, self.opt_shardings, first,
-                                       train.grad_accum_steps, train.frozen)
+                                       train.grad_accum_steps,
+                                       optim.frozen_patterns(train))
     eval_step = held_out.make_eval_step(self.graphdef, self.param_shardings, shardings)
     return (lambda params, opt_state, batch: sft_step(params, opt_state,
                                                       input_pipeline.to_global(batch, shardings)),
@@ -437,15 +473,20 @@ class Trainer:
 
   def _reference_params(self) -> dict:
     """DPO's frozen reference: dpo.reference_checkpoint, else the stage's init_checkpoint (its
-    own buffers: the policy's are donated at every step)."""
+    own buffers: the policy's are donated at every step); an adapter checkpoint folded."""
     path = self.cfg.dpo.reference_checkpoint or self.train.init_checkpoint
     if not path:
       raise TrainingError('the dpo stage needs a reference model: set dpo.reference_checkpoint '
                           'or train.init_checkpoint')
-    return checkpoint.Reader(path, self.mesh).load(self.cfg.model.param_dtype)
+    reference = adapters.load_params(path, self.mesh, self.cfg.model.param_dtype)
+    if self.lora:  # the adapted model's graph with zero adapters computes the reference itself
+      reference = lora_lib.insert(reference, jax.tree.map(
+          jnp.zeros_like, lora_lib.adapter_leaves(self._initial_adapters())))
+    return reference
 
   def export_final(self, state: TrainState) -> None:
-    """final/ with its fingerprint; one of an earlier, shorter run is replaced."""
+    """final/ with its fingerprint; one of an earlier, shorter run is replaced. With LoRA, final/
+    is an adapter checkpoint of train.init_checkpoint (fac_jax.checkpoints.adapters)."""
     final = os.path.join(self.workdir, 'final')
     record, made = os.path.join(final, fingerprint.FILE), final_settings(self.cfg)
     if os.path.exists(final):
@@ -454,7 +495,11 @@ class Trainer:
       if is_main_process():
         shutil.rmtree(final)
       multihost_utils.sync_global_devices(f'stale final removed: {final}')
-    checkpoint.save_params(final, self.cfg.model, state.params, self.chat_assets)
+    if self.lora:
+      adapters.save(final, self.cfg.model, optim.select(state.params, self.saved_mask),
+                    self.train.lora, self.train.init_checkpoint, self.chat_assets)
+    else:
+      checkpoint.save_params(final, self.cfg.model, state.params, self.chat_assets)
     if is_main_process():  # last: a final/ without it is remade
       fingerprint.write(record, made)
 
