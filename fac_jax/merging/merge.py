@@ -1,7 +1,13 @@
-"""Merge fac_jax checkpoints leaf by leaf (Core-Cocktail, DESIGN.md section 2), e.g.
+"""Merge fac_jax checkpoints leaf by leaf (Core-Cocktail, DESIGN.md section 2), or fold LoRA
+adapters into their base, e.g.
 
   python -m fac_jax.merging.merge --method=linear --alpha=0.5 --base=M0 --finetuned=M1 --out=MR \
       --include='^llm/'
+  python -m fac_jax.merging.merge --method=lora --base=M0 --adapters=RUN/final --out=M1
+
+An adapter checkpoint (fac_jax.checkpoints.adapters) given as a fine-tune is read as the model it
+makes, its adapters folded into its base's weights: in any method it is a task vector
+(alpha/rank)·A·B plus what it trained fully.
 
 Methods and their flags: linear (--alpha, one weight per fine-tune), task_arithmetic (--scale),
 ties (--density, --scale), dare (--drop_rate, --scale, --seed), slerp (--alpha); see
@@ -33,9 +39,9 @@ from flax import nnx
 import tqdm
 
 from fac_jax import cli, sharding
-from fac_jax.checkpoints import checkpoint, official_layout, safetensors_io
+from fac_jax.checkpoints import adapters, checkpoint, official_layout, safetensors_io
 from fac_jax.merging import methods
-from fac_jax.model import fun_audio_chat, moe
+from fac_jax.model import fun_audio_chat, lora, moe
 from fac_jax.train import optim
 
 Path = tuple[str, ...]
@@ -172,11 +178,47 @@ class CausalLMLeaves:
             self.tensors.slice, m, index, methods.COMPUTE_DTYPE)) for path in paths}
 
 
+class AdapterLeaves:
+  """An adapter checkpoint read as the model it makes: its base's leaves (the base checked against
+  the fingerprint it records; itself a checkpoint or adapter checkpoint), its fully trained
+  leaves in place, and each adapted kernel with W + (alpha/rank)·A·B folded in as it is read."""
+
+  compare_dtypes = True
+
+  def __init__(self, ckpt_dir: str, base: str | None = None):
+    try:
+      self.lora = adapters.lora_config(adapters.read_settings(ckpt_dir))
+      self.base = open_checkpoint(adapters.checked_base(ckpt_dir, base))
+    except adapters.AdapterError as e:
+      raise MergeError(str(e)) from None
+    self.trained = CheckpointLeaves(ckpt_dir)
+    self.shapes = dict(self.base.shapes)
+    self.name = ckpt_dir
+
+  def read(self, paths: Sequence[Path], shardings: Mapping[Path, jax.sharding.Sharding]
+           ) -> dict[Path, jax.Array]:
+    own = [path for path in paths if path in self.trained.shapes]
+    leaves = {**self.base.read([p for p in paths if p not in self.trained.shapes], shardings),
+              **self.trained.read(own, shardings)}
+    for path in paths:
+      a, b = (path[:-1] + (name,) for name in lora.ADAPTER_NAMES)
+      if path[-1] == 'kernel' and a in self.trained.shapes:
+        replicated = jax.sharding.NamedSharding(shardings[path].mesh, jax.sharding.PartitionSpec())
+        pair = self.trained.read([a, b], {a: replicated, b: replicated})
+        leaves[path] = lora.fold_kernel(leaves[path], pair[a], pair[b], lora.scale(self.lora))
+    return leaves
+
+
+def open_checkpoint(path: str) -> CheckpointLeaves | AdapterLeaves:
+  """A fac_jax checkpoint's leaves; an adapter checkpoint's as the model it makes."""
+  return AdapterLeaves(path) if adapters.is_adapter_checkpoint(path) else CheckpointLeaves(path)
+
+
 def open_base(base: str, llm_config: ml_collections.ConfigDict
               ) -> CheckpointLeaves | CausalLMLeaves:
   """A fac_jax checkpoint, or else a Hugging Face Qwen3 folder mapped onto our `llm/` leaves."""
   if os.path.isdir(os.path.join(base, checkpoint.PARAMS)):
-    return CheckpointLeaves(base)
+    return open_checkpoint(base)
   if os.path.exists(os.path.join(base, 'config.json')):
     return CausalLMLeaves(base, llm_config)
   raise MergeError(f'base {base}: neither a fac_jax checkpoint ({checkpoint.PARAMS}/ and '
@@ -268,7 +310,9 @@ def merge_checkpoints(method: str, base: str, finetuned: Sequence[str], out: str
     args = methods.method_args(method, len(finetuned), **args)
   except ValueError as e:
     raise MergeError(str(e)) from None
-  inputs = [CheckpointLeaves(path) for path in finetuned]
+  # lora folds the adapters onto --base itself: checked against the base they record.
+  inputs = ([AdapterLeaves(finetuned[0], base)] if method == 'lora' else
+            [open_checkpoint(path) for path in finetuned])
   model_config = checkpoint.load_config(finetuned[0])
   base_leaves = open_base(base, model_config.llm)
   selected = set(check_inputs(base_leaves, inputs, include, exclude))
@@ -299,10 +343,14 @@ def merge_checkpoints(method: str, base: str, finetuned: Sequence[str], out: str
           progress.update(leaf.nbytes)
           del leaf
         checkpoint.release_freed_memory()
-    for folder in (checkpoint.OFFICIAL, checkpoint.CHAT):
-      source = os.path.join(finetuned[0], folder)
-      if jax.process_index() == 0 and os.path.isdir(source):
-        shutil.copytree(source, os.path.join(writer.dir, folder), dirs_exist_ok=True)
+    # An adapter checkpoint's official/ files go over its base's: the export needs the base's.
+    sources = ([inputs[0].base.name] if isinstance(inputs[0], AdapterLeaves) else []) + [
+        finetuned[0]]
+    for source_dir in sources:
+      for folder in (checkpoint.OFFICIAL, checkpoint.CHAT):
+        source = os.path.join(source_dir, folder)
+        if jax.process_index() == 0 and os.path.isdir(source):
+          shutil.copytree(source, os.path.join(writer.dir, folder), dirs_exist_ok=True)
     path = writer.commit()
   except BaseException:
     writer.abort()
@@ -315,8 +363,9 @@ def _define_flags() -> None:
   flags.DEFINE_enum('method', 'linear', sorted(methods.METHODS), 'Merge method.')
   flags.DEFINE_string('base', None, 'The original model M_0: a fac_jax checkpoint or a Hugging '
                       'Face Qwen3 (Qwen3-MoE for an MoE LLM) folder.', required=True)
-  flags.DEFINE_list('finetuned', None, 'Fine-tuned fac_jax checkpoints, comma-separated.',
-                    required=True)
+  flags.DEFINE_list('finetuned', None, 'Fine-tuned fac_jax checkpoints (or adapter checkpoints), '
+                    'comma-separated.')
+  flags.DEFINE_string('adapters', None, 'lora: the adapter checkpoint to fold into --base.')
   flags.DEFINE_string('out', None, 'Checkpoint to write (must not exist).', required=True)
   flags.DEFINE_string('include', None, 'Merge only leaves whose path matches this regex '
                       '(re.search on e.g. llm/decoder/layers/mlp/up_proj/kernel).')
@@ -341,8 +390,12 @@ def main(argv):
   if 'alpha' in args:
     args['alpha'] = [float(a) for a in args['alpha']]
   mesh = sharding.mesh_from_flag(FLAGS.mesh) if FLAGS.mesh else None
+  if (FLAGS.method == 'lora') != bool(FLAGS.adapters) or bool(FLAGS.adapters) == bool(
+      FLAGS.finetuned):
+    raise app.UsageError('--method=lora takes --adapters; the other methods take --finetuned')
   try:
-    summary = merge_checkpoints(FLAGS.method, FLAGS.base, FLAGS.finetuned, FLAGS.out,
+    summary = merge_checkpoints(FLAGS.method, FLAGS.base, FLAGS.finetuned or [FLAGS.adapters],
+                                FLAGS.out,
                                 include=FLAGS.include, exclude=FLAGS.exclude, mesh=mesh, **args)
   except MergeError as e:
     raise SystemExit(f'merge: {e}') from None

@@ -116,14 +116,22 @@ def slerp(base: jax.Array, finetuned: Sequence[jax.Array], *, alpha: float) -> j
   return base_weight * base + model_weight * model
 
 
+def lora(base, finetuned):
+  """An adapter checkpoint folded onto its base (its leaves arrive folded: W + (alpha/rank)·A·B;
+  fac_jax.merging.merge.AdapterLeaves)."""
+  del base
+  return finetuned[0]
+
+
 METHODS = {'linear': linear, 'task_arithmetic': task_arithmetic, 'ties': ties, 'dare': dare,
-           'slerp': slerp}
+           'slerp': slerp, 'lora': lora}
 # The arguments each method takes (dare's `seed` becomes each leaf's key), with their defaults.
 # Those in STATIC_ARGS are compiled in; the others are traced, so new values do not recompile.
 STATIC_ARGS = ('density',)
 METHOD_ARGS = {'linear': {'alpha': None}, 'task_arithmetic': {'scale': 1.0},
                'ties': {'density': None, 'scale': 1.0},
-               'dare': {'drop_rate': None, 'scale': 1.0, 'seed': 0}, 'slerp': {'alpha': None}}
+               'dare': {'drop_rate': None, 'scale': 1.0, 'seed': 0}, 'slerp': {'alpha': None},
+               'lora': {}}
 
 
 def _weights(alpha, count: int) -> tuple[float, ...]:
@@ -140,6 +148,8 @@ def method_args(method: str, num_finetuned: int, **args) -> dict:
     raise ValueError(f'unknown merge method {method!r}; one of {sorted(METHODS)}')
   if num_finetuned < 1:
     raise ValueError('merging needs at least one fine-tuned model')
+  if method == 'lora' and num_finetuned != 1:
+    raise ValueError(f'lora folds one adapter checkpoint, not {num_finetuned}')
   unknown = sorted(set(args) - set(METHOD_ARGS[method]))
   if unknown:
     raise ValueError(f'{method} takes {sorted(METHOD_ARGS[method])}, not {unknown}')

@@ -212,3 +212,39 @@ def test_a_mismatched_base_is_refused_with_both_fingerprints(lora_run, tiny, tmp
     adapters.load_params(final, base=other)
   from fac_jax import fingerprint
   assert fingerprint.of_folder(other) in str(refused.value)
+
+
+def test_merge_folds_the_trained_adapters_and_takes_them_as_task_vectors(lora_run, tiny, batch,
+                                                                         tmp_path):
+  base, workdir = lora_run
+  final = os.path.join(workdir, 'final')
+  folded_dir = str(tmp_path / 'folded')
+  result = subprocess.run(
+      [sys.executable, '-m', 'fac_jax.merging.merge', '--method=lora', f'--base={base}',
+       f'--adapters={final}', f'--out={folded_dir}'],
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600,
+      cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  folded = jax.device_get(checkpoint.Reader(folded_dir).load())
+  # The adapted model (qwix's LoraProvider over base + trained leaves) against the folded one.
+  settings = lora_settings(train_fully=('^adapters/',))
+  adapted = lora.abstract_model(tiny, settings)
+  trained = adapters.trained_leaves(final, tiny, settings)
+  adapted_params = lora.insert(jax.device_get(checkpoint.Reader(base).load()), trained)
+  adapted_out = forward(nnx.split(adapted)[0], adapted_params, batch)
+  folded_out = forward(nnx.split(fun_audio_chat.abstract_model(tiny))[0], folded, batch)
+  for channel in adapted_out:
+    np.testing.assert_allclose(folded_out[channel][0], adapted_out[channel][0], rtol=2e-5,
+                               atol=2e-5)
+  assert os.path.exists(os.path.join(folded_dir, 'chat', 'settings.json'))
+
+  # As a task vector: base + 0.5 (folded - base) on the LLM leaves.
+  half_dir = str(tmp_path / 'half')
+  from fac_jax.merging import merge
+  merge.merge_checkpoints('task_arithmetic', base, [final], half_dir, include='^llm/', scale=0.5)
+  half = leaves_by_path(jax.device_get(checkpoint.Reader(half_dir).load()))
+  base_leaves = leaves_by_path(jax.device_get(checkpoint.Reader(base).load()))
+  for name, value in leaves_by_path(folded).items():
+    expected = base_leaves[name] + 0.5 * (value - base_leaves[name]) if name.startswith(
+        'llm/') else value
+    np.testing.assert_allclose(half[name], expected, rtol=1e-6, atol=1e-6)
