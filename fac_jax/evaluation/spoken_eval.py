@@ -28,7 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from fac_jax import audio
-from fac_jax.checkpoints import checkpoint
+from fac_jax.checkpoints import adapters
 from fac_jax.data import conversation, input_pipeline, prepare
 from fac_jax.evaluation import asr_judge
 from fac_jax.inference import generate, sampling
@@ -228,6 +228,6 @@ def majority_baseline(asked: list[Question]) -> dict:
 
 
 def load_model(ckpt: str, cfg: ml_collections.ConfigDict):
-  """(graphdef, params) of a fac_jax checkpoint for `cfg.model`."""
+  """(graphdef, params) of a fac_jax checkpoint (an adapter checkpoint folded) for `cfg.model`."""
   graphdef, _ = nnx.split(fun_audio_chat.abstract_model(cfg.model))
-  return graphdef, checkpoint.Reader(ckpt).load(cfg.model.param_dtype)
+  return graphdef, adapters.load_params(ckpt, dtype=cfg.model.param_dtype)
