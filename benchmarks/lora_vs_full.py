@@ -44,16 +44,19 @@ def main(argv):
       os.path.join(fingerprint.REPO, 'configs', 'tiny.py')))
   data = os.path.join(FLAGS.pipeline, 'prepared')
   model = lambda name: os.path.join(FLAGS.pipeline, main_job.MODELS[name])
-  for name in ('M_0', 'prealign', 'stage1', 'stage2'):
-    if not os.path.isdir(model(name)):
-      raise SystemExit(f'{model(name)} does not exist: run the main job first '
-                       f'(python -m fac_jax.pipeline --workdir={FLAGS.pipeline})')
+  def check(*names):
+    for name in names:
+      if not os.path.isdir(model(name)):
+        raise SystemExit(f'{model(name)} does not exist: run the main job first '
+                         f'(python -m fac_jax.pipeline --workdir={FLAGS.pipeline})')
+
+  check('M_0', 'prealign', 'stage1')
   stage = main_job.stage_config(cfg, 'stage1', data, 'train', 'validation', model('prealign'))
   stage.train.lora.update(rank=FLAGS.rank, alpha=FLAGS.alpha, train_fully=('^(?!llm/)',))
   started = time.time()
   adapters = trainer.train_to_final(stage, os.path.join(FLAGS.workdir, 'stage1_lora'), 'redo')
   lora_seconds = time.time() - started
-
+  check('stage2')  # the reference of the preference metrics
   evaluator = main_job.ModelEvaluator(cfg, FLAGS.workdir, data, model('stage2'), 'redo')
   models = {'M_0': model('M_0'), 'full stage 1': model('stage1'), 'LoRA stage 1': adapters}
   results = {name: evaluator(name.replace(' ', '_'), path)['metrics']
