@@ -25,13 +25,14 @@ import numpy as np
 
 from fac_jax import sharding
 from fac_jax.checkpoints import text_tokenizer
-from fac_jax.data import conversation, preference, prepare
+from fac_jax.data import conversation, preference, prepare, tools
 
 
 @dataclasses.dataclass
 class FormatRecord:
   """A prepared record -> the arrays of one conversation (conversation.format_conversation) in
-  ChatML, with audio between <|audio_bos|> and <|audio_eos|>; assistant turns are trained."""
+  ChatML, with audio between <|audio_bos|> and <|audio_eos|>; assistant turns are trained (a
+  tool call's text and <|im_end|>; fac_jax.data.tools), tool results are context."""
   tokenizer_dir: str
   model: ml_collections.ConfigDict
 
@@ -47,8 +48,15 @@ class FormatRecord:
     response to learn (else it is context, like a user turn)."""
     tok, model = self.model.tokens, self.model
     Text = conversation.Text
+    if turn['role'] == 'tool':  # Qwen3 returns a tool's result in a user turn
+      return [Text([tok.im_start] + self.encode('user\n' + tools.response_text(turn['text']))
+                   + [tok.im_end] + self.encode('\n'), trained=False)]
     pieces = [Text([tok.im_start] + self.encode(turn['role'] + '\n'), trained=False)]
-    if turn['role'] == 'user':
+    if 'tool_call' in turn:  # text only: nothing is spoken during a call
+      call = tools.call_text(tools.Call(**turn['tool_call']))
+      pieces += [Text(self.encode(call) + [tok.im_end], trained=trained),
+                 Text(self.encode('\n'), trained=False)]
+    elif turn['role'] == 'user':
       if 'mel' in turn:
         start, stop = turn['mel']
         mel = np.asarray(record['mel'][start:stop], np.float32)
@@ -76,8 +84,10 @@ class FormatRecord:
     `train_replies`."""
     tok = self.model.tokens
     pieces = []
-    if conv['system']:
-      pieces.append(conversation.Text([tok.im_start] + self.encode('system\n' + conv['system'])
+    system = tools.system_text(conv['system'], conv['tools']) if conv.get('tools') else (
+        conv['system'])
+    if system:
+      pieces.append(conversation.Text([tok.im_start] + self.encode('system\n' + system)
                                       + [tok.im_end] + self.encode('\n'), trained=False))
     for turn in conv['turns']:
       pieces += self.turn_pieces(turn, record, train_replies and turn['role'] == 'assistant')

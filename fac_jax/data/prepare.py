@@ -44,7 +44,7 @@ from ml_collections import config_flags
 
 from fac_jax import audio, files, fingerprint
 from fac_jax.checkpoints import checkpoint, text_tokenizer
-from fac_jax.data import conversation, manifest, preference
+from fac_jax.data import conversation, manifest, preference, tools as tools_lib
 from fac_jax.speech import s3tokenizer, speech_tokenizer
 
 DATASET_NAME = 'conversation_dataset'
@@ -100,6 +100,8 @@ class Extractor:
     """A turn's record entry; its user log-mel or assistant codes are appended to `mels` or
     `codes`, and the entry holds their [start, stop) span in the record's concatenation."""
     entry = {'role': turn.role, 'text': turn.text}
+    if turn.tool_call is not None:
+      entry['tool_call'] = dataclasses.asdict(turn.tool_call)
     if turn.audio is not None:
       waveform = audio.load(turn.audio, max_seconds=self.max_audio_seconds)
       entry['seconds'] = len(waveform) / audio.SAMPLE_RATE
@@ -128,7 +130,8 @@ class Extractor:
     mels, codes = [], []
     turns = [self._entry(turn, mels, codes) for turn in conv.turns]
     return self._record({'id': conv.id, 'task': conv.task, 'system': conv.system, 'turns': turns,
-                         'meta': conv.meta, 'source': conv.source}, mels, codes)
+                         'meta': conv.meta, 'source': conv.source,
+                         **({'tools': conv.tools} if conv.tools else {})}, mels, codes)
 
   def pair(self, pair: preference.PreferencePair) -> dict:
     """One preference pair -> one record: the prompt's turns, then `chosen` and `rejected`
@@ -325,14 +328,22 @@ def _manifest_texts(paths):
   yield from conversation.CHAT_TEMPLATE_TEXTS
   for path in paths:
     for _, conv in preference.read(path):
-      if not isinstance(conv, manifest.ManifestError):
-        yield from [conv.system or ''] + [turn.text or '' for turn in conv.turns]
+      if isinstance(conv, manifest.ManifestError):
+        continue
+      tools = getattr(conv, 'tools', None)  # preference pairs declare none
+      yield tools_lib.system_text(conv.system, tools) if tools else conv.system or ''
+      for turn in conv.turns:
+        if turn.tool_call is not None:
+          yield tools_lib.call_text(turn.tool_call)
+        else:
+          yield tools_lib.response_text(turn.text) if turn.role == 'tool' else turn.text or ''
 
 
 def manifest_tasks(path: str) -> dict:
   """Each task of a manifest, most conversations first: its most common system prompt, question
-  ('speech' or 'text': its last user turn) and answer (the last turn, or the chosen one), and its
-  number of conversations; `chat` reads them in the checkpoints trained on the split."""
+  ('speech' or 'text': its last user turn) and answer (the last turn, or the chosen one), whether
+  it declares tools (`tools`, only when it does), and its number of conversations; `chat` reads
+  them in the checkpoints trained on the split."""
   shapes = collections.defaultdict(collections.Counter)
   for _, item in preference.read(path):
     if isinstance(item, manifest.ManifestError):
@@ -341,12 +352,13 @@ def manifest_tasks(path: str) -> dict:
     prompt, answer = (item.prompt, item.chosen) if is_pair else (item.turns[:-1], item.turns[-1])
     question = next((turn for turn in reversed(prompt) if turn.role == 'user'), None)
     kind = lambda turn: 'speech' if turn is not None and turn.audio else 'text'
-    shapes[item.task][item.system, kind(question), kind(answer)] += 1
+    shapes[item.task][item.system, kind(question), kind(answer),
+                      bool(getattr(item, 'tools', None))] += 1
   tasks = {}
   for task, counts in sorted(shapes.items(), key=lambda item: -item[1].total()):
-    (system, question, answer), _ = counts.most_common(1)[0]
+    (system, question, answer, tools), _ = counts.most_common(1)[0]
     tasks[task] = {'system': system, 'question': question, 'answer': answer,
-                   'conversations': counts.total()}
+                   'conversations': counts.total(), **({'tools': True} if tools else {})}
   return tasks
 
 

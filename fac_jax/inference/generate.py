@@ -58,48 +58,65 @@ def _code_group(model, split, sub_positions, previous_code_embedding, cache, val
 
 
 def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
-            gen: GenerationConfig, key: jax.Array) -> dict:
+            gen: GenerationConfig, key: jax.Array, earlier: dict | None = None) -> dict:
   """Runs a left-padded prompt batch (fac_jax.batch fields without targets) through the LLM and
-  the refined head, and returns the decoding state (a pytree) holding the first text token."""
+  the refined head, and returns the decoding state (a pytree) holding the first text token.
+
+  With `earlier`, the final state of a generation, the prompt continues it from its KV caches
+  (fac_jax.inference.tools.continuation_prompt builds it): their slots before that generation's
+  last prompt token are kept, and the prompt (that token, the turn generated and the turns
+  appended, positions absolute) runs over them as a fresh prefill of the whole history would;
+  the turn just generated runs again, as the refined head saw it with the codes sampled then.
+  After a text-only turn (a tool call) the continuation is that of the fresh prefill."""
   if gen.mode not in ('s2s', 's2t'):
     raise ValueError(f"mode {gen.mode!r}: expected 's2s' or 's2t'")
   tokens, speech = cfg.tokens, cfg.speech
   group = speech.group_size
   batch, prompt_len = prompt['input_ids'].shape
   steps = gen.max_new_tokens
+  keep = 0 if earlier is None else earlier['llm_valid'].shape[1] - earlier['text'].shape[1] - 1
+  end = keep + prompt_len  # the prompt fills slots [keep, end)
   valid = prompt['segment_ids'] > 0
   positions = prompt['positions']
 
   inputs, head_text = model.embed_inputs(prompt, training=False)
-  llm_valid = jnp.zeros((batch, prompt_len + steps), bool).at[:, :prompt_len].set(valid)
-  hidden, llm_cache = model.llm.decoder.prefill(
-      inputs, positions, valid.astype(jnp.int32),
-      qwen3.init_cache(cfg.llm, batch, prompt_len + steps, inputs.dtype))
-  text_history = jnp.full((batch, prompt_len + steps), -1, jnp.int32).at[:, :prompt_len].set(
+  llm_valid = jnp.zeros((batch, end + steps), bool).at[:, keep:end].set(valid)
+  llm_cache = qwen3.init_cache(cfg.llm, batch, end + steps, inputs.dtype)
+  text_history = jnp.full((batch, end + steps), -1, jnp.int32).at[:, keep:end].set(
       jnp.where(valid, prompt['input_ids'], -1))
+  head_valid = jnp.zeros((batch, group * (end + steps)), bool).at[:, group * keep:group * end].set(
+      jnp.repeat(valid, group, axis=1))
+  head_cache = qwen3.init_cache(cfg.speech_refined_head, batch, group * (end + steps),
+                                inputs.dtype)
+  if earlier is None:
+    hidden, llm_cache = model.llm.decoder.prefill(inputs, positions, valid.astype(jnp.int32),
+                                                  llm_cache)
+  else:
+    llm_valid = llm_valid.at[:, :keep].set(earlier['llm_valid'][:, :keep])
+    text_history = text_history.at[:, :keep].set(earlier['text_history'][:, :keep])
+    head_valid = head_valid.at[:, :group * keep].set(earlier['head_valid'][:, :group * keep])
+    llm_cache = _kept_cache(earlier['llm_cache'], llm_cache, keep)
+    head_cache = _kept_cache(earlier['head_cache'], head_cache, group * keep)
+    hidden, llm_cache = model.llm.decoder.decode(inputs, positions, llm_cache, llm_valid)
   key, text_key, head_key = jax.random.split(key, 3)
-  first_text = select(text_key, model.llm.lm_head(hidden[:, -1]), text_history[:, :prompt_len],
+  first_text = select(text_key, model.llm.lm_head(hidden[:, -1]), text_history[:, :end],
                       gen.text)
   if gen.force_audio_bos:
     first_text = jnp.full_like(first_text, tokens.audio_bos)
 
-  head_slots = group * (prompt_len + steps)
-  head_valid = jnp.zeros((batch, head_slots), bool).at[:, :group * prompt_len].set(
-      jnp.repeat(valid, group, axis=1))
-  head_cache = qwen3.init_cache(cfg.speech_refined_head, batch, head_slots, inputs.dtype)
   code_embedding = model.adapters.code_embedding(jnp.full((batch,), speech.bos_id))
   if gen.mode == 's2s':
     sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
     split = model.speech_refined_head.split(hidden + head_text)
     _, code_embedding, head_cache, _ = _code_group(
         model, split, sub_positions, code_embedding, head_cache, head_valid,
-        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech, prefill=True)
+        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech, prefill=earlier is None)
 
   state = {
       'key': key,
       'step': jnp.ones((), jnp.int32),  # text tokens so far
       'text': jnp.full((batch, steps), tokens.endoftext, jnp.int32).at[:, 0].set(first_text),
-      'text_history': text_history.at[:, prompt_len].set(first_text),
+      'text_history': text_history.at[:, end].set(first_text),
       'text_done': jnp.isin(first_text, _stop_ids(cfg)),
       'speech': jnp.full((batch, steps, group), speech.pad_id, jnp.int32),
       'num_speech': jnp.zeros((batch,), jnp.int32),
@@ -113,6 +130,13 @@ def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collection
     state['text_logits'] = jnp.zeros((batch, steps, cfg.llm.vocab_size), jnp.float32)
     state['code_logits'] = jnp.zeros((batch, steps, group, speech.codebook_size), jnp.float32)
   return state
+
+
+def _kept_cache(earlier: dict, empty: dict, slots: int) -> dict:
+  """`empty` (a larger cache) holding `earlier`'s first `slots` slots, to be written from there."""
+  kept = {name: empty[name].at[:, :, :slots].set(earlier[name][:, :, :slots])
+          for name in ('k', 'v')}
+  return {**kept, 'index': jnp.asarray(slots, jnp.int32)}
 
 
 def _stop_ids(cfg):
@@ -192,12 +216,19 @@ def outputs(state: dict, cfg: ml_collections.ConfigDict) -> dict:
   return out
 
 
+def generate_state(model: fun_audio_chat.FunAudioChat, prompt: dict,
+                   cfg: ml_collections.ConfigDict, gen: GenerationConfig, key: jax.Array,
+                   earlier: dict | None = None) -> dict:
+  """Prefill (continuing `earlier`, see prefill), then decode steps in a while_loop until every
+  row stops; the final state. Pure: jit it."""
+  state = prefill(model, prompt, cfg, gen, key, earlier)
+  return jax.lax.while_loop(keep_going, lambda s: decode_step(model, s, cfg, gen), state)
+
+
 def generate(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collections.ConfigDict,
              gen: GenerationConfig, key: jax.Array) -> dict:
   """Prefill, then decode steps in a while_loop until every row stops. Pure: jit it."""
-  state = prefill(model, prompt, cfg, gen, key)
-  state = jax.lax.while_loop(keep_going, lambda s: decode_step(model, s, cfg, gen), state)
-  return outputs(state, cfg)
+  return outputs(generate_state(model, prompt, cfg, gen, key), cfg)
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,
@@ -205,3 +236,10 @@ def make_generate_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,
   """jit(params, prompt, key) -> outputs of `generate`."""
   return jax.jit(lambda params, prompt, key: generate(nnx.merge(graphdef, params), prompt, cfg,
                                                       gen, key))
+
+
+def make_generate_state_fn(graphdef: nnx.GraphDef, cfg: ml_collections.ConfigDict,
+                           gen: GenerationConfig):
+  """jit(params, prompt, key, earlier=None) -> the final state of `generate_state`."""
+  return jax.jit(lambda params, prompt, key, earlier=None: generate_state(
+      nnx.merge(graphdef, params), prompt, cfg, gen, key, earlier))

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import soundfile
 
+import chat_checkpoint
 import paths
-import speech_corpus
 
-from fac_jax import config as config_lib
 from fac_jax.checkpoints import checkpoint, convert
-from fac_jax.data import prepare, synthetic
+from fac_jax.data import synthetic, tools
 from fac_jax.speech import speech_tokenizer
-from fac_jax.train import trainer
 import official_checkpoint
 
 REPO = paths.REPO
@@ -115,16 +113,7 @@ def test_typed_question_with_spoken_and_typed_history(setup, tmp_path):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """The final checkpoint of 2 trainer steps of the tiny config on the small speech corpus
-  (spoken_qa: 'Answer briefly.', spoken; text_qa: no system prompt, typed), and a question."""
-  root = str(tmp_path_factory.mktemp('trained'))
-  splits = speech_corpus.write(root, num_train=16, num_validation=4, bad_lines=False)
-  cfg = config_lib.load(f'{paths.TINY_CONFIG}:stage1')
-  prepare.prepare(os.path.join(root, 'prepared'), splits, cfg.model)
-  cfg.data.update(dir=os.path.join(root, 'prepared'), batch_size=4, seq_len=96, num_windows=16)
-  cfg.train.update(steps=2, eval_every=2, checkpoint_every=2, log_every=1, eval_batches=1)
-  trainer.Trainer(cfg, os.path.join(root, 'run')).run()
-  return os.path.join(root, 'run', 'final'), os.path.join(root, 'audio', 'q0.wav')
+  return chat_checkpoint.write(str(tmp_path_factory.mktemp('trained')))
 
 
 def last_line(result) -> str:
@@ -174,3 +163,34 @@ def test_refusals_come_before_generating_in_one_line(trained, tmp_path):
   assert last_line(result).startswith(f'error: {truncated}: cannot read its parameters '
                                       '(truncated or corrupt files?): ')
   assert 'TensorStore' not in result.stderr
+
+
+def test_tools_run_through_the_command_and_bad_tool_input_is_refused(setup, tmp_path):
+  """--tools answers with the official function-calling prompt around the declarations (the
+  loop itself: tests/inference/test_tools.py); a bad tools file, functions module or a tool
+  without a callable is refused in one line naming it."""
+  _, ckpt, _, question = setup
+  declared = tmp_path / 'tools.json'
+  declared.write_text(json.dumps(tools.DEMO_TOOLS))
+  result = chat(f'--ckpt={ckpt}', f'--audio={question}', f'--tools={declared}', '--mode=s2t',
+                '--max_new_tokens=6', '--greedy')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'system prompt (the official function-calling prompt)' in result.stderr
+  assert result.stdout.strip()
+  bad = tmp_path / 'bad.json'
+  bad.write_text(json.dumps([{'name': 'set_timer', 'parameters': {'type': 'array'}}]))
+  for flags, message in (
+      ([f'--tools={bad}'], f"error: {bad}: tools[0]: tool 'set_timer': \"parameters\" must be a "
+                           'JSON schema of type object with "properties"'),
+      ([f'--tools={tmp_path}/none.json'], f'error: cannot read tools file {tmp_path}/none.json'),
+      ([f'--tools={declared}', '--functions=json:loads'],
+       'error: --functions=json:loads: expected a dict of tool name -> callable'),
+      ([f'--tools={declared}', '--functions=no_such_module'],
+       'error: --functions=no_such_module: expected an importable module'),
+      ([f'--tools={declared}', '--functions=fac_jax.data.tools:OPERATIONS'],
+       "error: no callable for the declared tools ['calculate', 'convert_units', 'get_weather', "
+       "'set_timer']"),
+      ([f'--tools={declared}', '--stream'],
+       'error: --stream does not run tools: drop --stream or --tools')):
+    result = chat(f'--ckpt={ckpt}', f'--audio={question}', '--mode=s2t', *flags)
+    assert last_line(result).startswith(message), result.stderr[-1000:]
