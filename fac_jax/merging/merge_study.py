@@ -26,7 +26,7 @@ import ml_collections
 from flax import nnx
 
 from fac_jax import cli, files, fingerprint, sharding
-from fac_jax.checkpoints import checkpoint
+from fac_jax.checkpoints import adapters
 from fac_jax.data import input_pipeline, prepare
 from fac_jax.merging import merge, methods as merge_methods
 from fac_jax.model import fun_audio_chat
@@ -109,7 +109,6 @@ def sweep(cfg, base: str, finetuned: str, workdir: str, knowledge_data: str, tas
       cache = stored['results']
   mesh = sharding.make_mesh(cfg.mesh)
   evaluate = Evaluator(cfg, mesh, eval_batches)
-  reader = checkpoint.Reader(finetuned, mesh)
   finetuned_params, base_params = None, None
   rows = []
   for method in methods:
@@ -117,7 +116,7 @@ def sweep(cfg, base: str, finetuned: str, workdir: str, knowledge_data: str, tas
       key = f'{method}:{alpha:g}'
       if key not in cache:
         if finetuned_params is None:
-          finetuned_params = reader.load()
+          finetuned_params = adapters.load_params(finetuned, mesh)  # adapters folded
           base_params = base_leaves(base, cfg.model, include, exclude, mesh)
         merged = merge_methods.merge_trees(method, base_params, [finetuned_params],
                                            include=include, exclude=exclude,
@@ -182,7 +181,8 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Experiment config (model, data, mesh).')
   flags.DEFINE_string('base', None, 'Base checkpoint M_0 (fac_jax, or a Qwen3 HF folder).',
                       required=True)
-  flags.DEFINE_string('finetuned', None, 'Fine-tuned checkpoint M_1.', required=True)
+  flags.DEFINE_string('finetuned', None, 'Fine-tuned checkpoint M_1 (or an adapter checkpoint).',
+                      required=True)
   flags.DEFINE_string('workdir', None, 'Results, tables and plot.', required=True)
   flags.DEFINE_string('knowledge_data', None, 'Held-out text set: prepared DIR[@SPLIT].',
                       required=True)

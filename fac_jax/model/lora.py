@@ -4,7 +4,10 @@ intercepts their matmuls and adds (alpha/rank)·x·A·B), and the fold W + (alph
 The adapters live on the adapted nnx.Linear as qwix names them, `kernel_lora_a` (in, rank) and
 `kernel_lora_b` (rank, out), with the leading layer axis of a scanned stack. They are created here
 rather than by qwix's first call: qwix creates parameters while the model runs, which inside the
-layer scan would create them on a transient copy of one layer.
+layer scan would create them on a transient copy of one layer. For the same reason QLoRA's base
+kernels are quantised here, into qwix's own PTQ weight (`kernel/array/{qvalue,scale}`: int8 or int4
+values, a scale per output channel of each layer), and stored that way: the frozen base then takes
+a quarter (int8) or an eighth (int4) of its float32 bytes.
 """
 
 import re
@@ -14,6 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import qwix
 from flax import nnx
+# qwix's PTQ weight types (qwix 0.1.8, pinned): what its LoraProvider takes as a quantised base.
+from qwix._src.core import qarray
+from qwix._src.providers import ptq
 
 from fac_jax.model import fun_audio_chat
 
@@ -81,8 +87,43 @@ def add_adapters(model: fun_audio_chat.FunAudioChat, lora: ml_collections.Config
     b = lora_rule.lora_b_initializer(key, (*stack, lora.rank, fan_out), kernel.value.dtype)
     module.kernel_lora_a = nnx.LoRAParam(a, logical_axes=(*stack_axes, in_axis, None))
     module.kernel_lora_b = nnx.LoRAParam(b, logical_axes=(*stack_axes, None, out_axis))
+    if lora_rule.weight_qtype:
+      q = quantized_kernel(kernel.value, lora_rule.weight_qtype)
+      metadata = kernel.get_metadata()
+      module.kernel = ptq.WithAux(qarray.QArray(
+          qvalue=nnx.Param(q.qvalue, **metadata), scale=nnx.Param(q.scale, **metadata),
+          qtype=q.qtype), _layer_how(lora_rule))
   return qwix.quantize_model(model, qwix.LoraProvider([lora_rule]),
                              methods=(INTERCEPTED_METHOD,), skip_nnx_init=True)
+
+
+def _layer_how(lora_rule: qwix.LoraRule) -> qarray.HowToQuantize:
+  """How qwix's PTQ quantises one layer's (in, out) kernel for x @ W: a scale per output."""
+  return qarray.HowToQuantize(qtype=lora_rule.weight_qtype, channelwise_axes=[1],
+                              calibration_method=lora_rule.weight_calibration_method)
+
+
+def quantized_kernel(kernel: jax.Array, qtype: str) -> qarray.QArray:
+  """A (stacked) kernel quantised as qwix's PTQ quantises each layer's: a scale per output channel
+  and layer."""
+  return qwix.quantize(kernel, qtype, channelwise_axes=(*range(kernel.ndim - 2), kernel.ndim - 1))
+
+
+def quantize_base(params: dict, lora: ml_collections.ConfigDict) -> dict:
+  """An adapted model's parameter tree with QLoRA's base kernels in their stored form
+  (`kernel` -> {'array': {'qvalue', 'scale'}}); unchanged without base_quantization."""
+  qtype = BASE_QUANTIZATION[lora.base_quantization]
+  if qtype is None:
+    return params
+  out = {}
+  for name, node in params.items():
+    if isinstance(node, dict):
+      node = quantize_base(node, lora)
+      if ADAPTER_NAMES[0] in node and not isinstance(node['kernel'], dict):
+        q = quantized_kernel(node['kernel'], qtype)
+        node['kernel'] = {'array': {'qvalue': q.qvalue, 'scale': q.scale}}
+    out[name] = node
+  return out
 
 
 def create(cfg: ml_collections.ConfigDict, lora: ml_collections.ConfigDict,

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from fac_jax import batch as batch_lib, files, fingerprint, sharding
 from fac_jax.inference import generate
-from fac_jax.model import fun_audio_chat
+from fac_jax.model import fun_audio_chat, lora
 from fac_jax.train import flops, optim, steps
 
 GIB = 1 << 30
@@ -169,8 +169,9 @@ def collectives(hlo_text: str) -> dict:
 
 
 def train_program(cfg: ml_collections.ConfigDict, mesh) -> dict:
-  """The trainer's SFT step (fac_jax.train.steps.jit_train_step) for cfg.data's global batch."""
-  graphdef, state = nnx.split(fun_audio_chat.abstract_model(cfg.model))
+  """The trainer's SFT step (fac_jax.train.steps.jit_train_step) for cfg.data's global batch;
+  with train.lora the adapted model's (QLoRA: its base stored quantised)."""
+  graphdef, state = nnx.split(lora.abstract_model(cfg.model, cfg.train.lora))
   params = nnx.to_pure_dict(state)
   param_shardings = sharding.param_shardings(state, mesh)
   optimizer = optim.make_optimizer(cfg.train, params)

@@ -6,7 +6,8 @@ README.md, docs/scale.md and reports/aot/report.md are made from the tool's outp
 prints the tables, and with --write puts them between the <!-- aot:begin --> and <!-- aot:end -->
 lines of those pages. The folder's rows.json lists the rows in order: {"file": one report's
 JSON, "code": what code it compiled}. Train rows, DRSR rows (train rows at another speech group
-size) and inference rows (decode reports, which carry their prefill) go to three tables.
+size), LoRA rows (train rows with adapters) and inference rows (decode reports, which carry their
+prefill) go to four tables.
 """
 
 import ast
@@ -19,6 +20,7 @@ from absl import app, flags
 from fac_jax import config as config_lib, files, fingerprint
 
 GIB = 1 << 30
+H100_BYTES = 80 * GIB
 ROWS_FILE = 'rows.json'
 FIT_SHARE = 0.9  # the issue's target: fits with 10 % of HBM to spare
 BEGIN, END = '<!-- aot:begin -->', '<!-- aot:end -->'
@@ -109,16 +111,12 @@ def _wall(report: dict) -> str:
   return f'{seconds // 60}:{seconds % 60:02d}'
 
 
-
-
-
-
 def train_table(rows) -> str:
   lines = ['| model | slice | code | mesh | remat | micro-batches | rows a chip | per-chip GiB (args + temps'
            ' + code) | of HBM | fits (<= 90 %) | estimated step | estimated MFU | compile wall |',
            '|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|']
   for entry, r, cfg in rows:
-    if r['program'] != 'train' or cfg.model.speech.group_size != 5:
+    if r['program'] != 'train' or cfg.model.speech.group_size != 5 or cfg.train.lora.rank:
       continue
     share, fits = _fits(r)
     lines.append(f"| {_model(r)} | {r['topology']} | {entry['code']} | {_mesh(r)} | "
@@ -135,7 +133,7 @@ def drsr_table(rows) -> str:
            '|---|---:|---:|---:|---:|---:|---:|---|']
   by_key = {}
   for _, r, cfg in rows:
-    if r['program'] == 'train' and cfg.train.grad_accum_steps == 1:
+    if r['program'] == 'train' and cfg.train.grad_accum_steps == 1 and not cfg.train.lora.rank:
       by_key.setdefault((r['topology'], r.get('commit'), r['remat_policy']), {})[
           cfg.model.speech.group_size] = (r, cfg)
   for (topology, _, _), pair in by_key.items():
@@ -153,6 +151,27 @@ def drsr_table(rows) -> str:
   return '\n'.join(lines)
 
 
+def fine_tune_table(rows) -> str:
+  """Train rows with LoRA adapters (fac_jax.model.lora), with their share of an 80 GiB H100 for a
+  one-chip program (a single device holds the same arrays whatever the chip)."""
+  lines = ['| model | slice | code | mesh | adapters | base weights | rows a chip (micro-batch) | '
+           'per-chip GiB (args + temps + code) | of HBM | fits (<= 90 %) | one chip: of an '
+           "H100's 80 GiB |",
+           '|---|---|---|---|---|---|---:|---:|---:|---|---:|']
+  for entry, r, cfg in rows:
+    lora = cfg.train.lora
+    if r['program'] != 'train' or not lora.rank:
+      continue
+    share, fits = _fits(r)
+    base = (lora.base_quantization if lora.base_quantization != 'none' else
+            cfg.model.param_dtype) + ' (adapted projections; the rest ' + cfg.model.param_dtype + ')'
+    h100 = (f"{100 * r['memory_per_chip_bytes']['total'] / H100_BYTES:.0f} %"
+            if r['devices'] == 1 else '')
+    lines.append(f"| {_model(r)} | {r['topology']} | {entry['code']} | {_mesh(r)} | rank "
+                 f"{lora.rank}, alpha {lora.alpha:g} | {base} | "
+                 f"{r['rows_per_chip'] / cfg.train.grad_accum_steps:g} | {_memory(r)} | {share} | "
+                 f"{fits} | {h100} |")
+  return '\n'.join(lines)
 
 
 def inference_table(rows) -> str:
@@ -177,6 +196,7 @@ def tables(folder: str, root: str = fingerprint.REPO) -> str:
   rows = load_rows(folder, root)
   return '\n\n'.join(['Training at the released settings:', train_table(rows),
                       'DRSR (k = 5 against k = 1, the same conversations):', drsr_table(rows),
+                      'Fine-tuning with LoRA and QLoRA (stage 1):', fine_tune_table(rows),
                       'Inference:', inference_table(rows)])
 
 

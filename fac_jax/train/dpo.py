@@ -218,7 +218,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformatio
 
   def gradients(params, ref_params, batch, normalisers):
     reference = _reference_logps(graphdef, ref_params, batch)
-    (_, (stats, router)), grads = jax.value_and_grad(objective, has_aux=True)(
+    (_, (stats, router)), grads = optim.value_and_grad(objective)(
         params, batch, reference, normalisers)
     return grads, stats, router
 

@@ -5,6 +5,7 @@ LoRA every leaf but the adapters and train.lora.train_fully's)."""
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -48,6 +49,17 @@ def frozen_patterns(train: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(train.frozen)
   kept = ''.join(f'(?!.*(?:{p}))' for p in ('/kernel_lora_[ab]$', *train.lora.train_fully))
   return (*train.frozen, '^' + kept)
+
+
+def value_and_grad(fun):
+  """jax.value_and_grad(fun, has_aux=True) over a parameter tree (the first argument) that may
+  hold integer leaves (QLoRA's quantised base, always frozen): their gradient is zeros of their
+  own dtype rather than float0, so every optimizer and tree operation takes it as any other."""
+  def value_and_grads(params, *args):
+    out, grads = jax.value_and_grad(fun, has_aux=True, allow_int=True)(params, *args)
+    return out, jax.tree.map(
+        lambda g, p: jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g, grads, params)
+  return value_and_grads
 
 
 def make_optimizer(train: ml_collections.ConfigDict, params: dict) -> optax.GradientTransformation:

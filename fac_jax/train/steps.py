@@ -47,7 +47,7 @@ def _accumulated_grads(graphdef: nnx.GraphDef, params: dict, batch: dict, num_mi
     return weighted['loss'], weighted
 
   def add_micro(carry, micro):
-    (_, metrics), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params, micro)
+    (_, metrics), grads = optim.value_and_grad(weighted_loss)(params, micro)
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
   rows = batch['input_ids'].shape[0]
@@ -89,7 +89,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
   def train_step(params, opt_state, batch):
     if grad_accum_steps == 1:
       frozen_loss = lambda p: loss_fn(graphdef, optim.stop_frozen_gradients(p, frozen), batch)
-      (_, metrics), grads = jax.value_and_grad(frozen_loss, has_aux=True)(params)
+      (_, metrics), grads = optim.value_and_grad(frozen_loss)(params)
     else:
       grads, metrics = _accumulated_grads(graphdef, params, batch, grad_accum_steps, frozen)
     return guarded_update(optimizer, params, opt_state, grads, metrics)

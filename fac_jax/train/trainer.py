@@ -320,7 +320,7 @@ class Trainer:
     if self.train.init_checkpoint:
       params = self._base_params()
       if self.lora:
-        params = lora_lib.insert(params, self._initial_adapters())
+        params = self._adapted(params, self._initial_adapters())
     else:
       _, params, _, _, _ = steps.init_sharded(self.cfg.model, self.optimizer, self.mesh,
                                               self.cfg.seed)
@@ -342,6 +342,12 @@ class Trainer:
       raise TrainingError(f'train.init_checkpoint={path}: its parameter shapes do not match '
                           'config.model')
     return params
+
+  def _adapted(self, plain: dict, trained: dict) -> dict:
+    """The adapted model's parameters in this run's shardings: a plain model's, with `trained`
+    (adapters, fully trained leaves) in place and, for QLoRA, the base kernels quantised."""
+    adapt = lambda p, t: lora_lib.quantize_base(lora_lib.insert(p, t), self.train.lora)
+    return jax.jit(adapt, out_shardings=self.param_shardings)(plain, trained)
 
   def _initial_adapters(self) -> dict:
     """The adapters at initialisation (B = 0), made in their shardings."""
@@ -366,7 +372,7 @@ class Trainer:
     progress = restored['progress']
     params = restored['state']['params']
     if self.lora:
-      params = lora_lib.insert(self._base_params(), params)
+      params = self._adapted(self._base_params(), params)
     return TrainState(params, restored['state']['opt_state'],
                       progress['step'], progress['skipped_in_row'])
 
@@ -480,8 +486,8 @@ class Trainer:
                           'or train.init_checkpoint')
     reference = adapters.load_params(path, self.mesh, self.cfg.model.param_dtype)
     if self.lora:  # the adapted model's graph with zero adapters computes the reference itself
-      reference = lora_lib.insert(reference, jax.tree.map(
-          jnp.zeros_like, lora_lib.adapter_leaves(self._initial_adapters())))
+      reference = self._adapted(reference, jax.tree.map(jnp.zeros_like,
+                                                        self._initial_adapters()))
     return reference
 
   def export_final(self, state: TrainState) -> None:

@@ -4,6 +4,7 @@ LoRA run of the trainer writes an adapter checkpoint that changes only the adapt
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,11 @@ def forward(graphdef, params, batch) -> dict:
 
 def leaves_by_path(tree: dict) -> dict:
   return {optim.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def stored_names(ckpt: str) -> list[str]:
+  return [optim.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      checkpoint.saved_shapes(ckpt), is_leaf=lambda x: isinstance(x, tuple))[0]]
 
 
 def test_adapters_sit_on_the_targets_and_start_equal_to_the_base(tiny, batch):
@@ -122,11 +128,15 @@ def test_optimizer_state_exists_only_for_adapters_and_fully_trained_leaves(tiny)
 
 
 @pytest.mark.parametrize('qtype', ['int8', 'int4'])
-def test_qlora_base_is_qwix_quantisation_of_the_targets(tiny, batch, qtype):
+def test_qlora_base_is_stored_as_qwix_quantisation_of_the_targets(tiny, batch, qtype):
   targets = r'llm/decoder/layers/mlp/(gate|up)_proj'
   adapted = lora.add_adapters(fun_audio_chat.create(tiny, 0),
                               lora_settings(targets=targets, base_quantization=qtype))
   graphdef, params = nnx.split(adapted)
+  stored = leaves_by_path(params_of(adapted))
+  kernels = [n for n in stored if n.endswith('/kernel/array/qvalue')]
+  assert len(kernels) == 2 and all(stored[n].dtype == jnp.dtype(qtype) for n in kernels)
+  assert not any(re.fullmatch(r'llm/.*(gate|up)_proj/kernel', n) for n in stored)
   qlora_out = forward(graphdef, params_of(adapted), batch)
   # Reference: the plain model with each target kernel replaced by qwix's own quantise then
   # dequantise of it, channelwise over the output as qwix's PTQ does for a matmul's weight.
@@ -183,8 +193,7 @@ def test_lora_run_writes_adapters_apart_that_change_only_adapted_weights(lora_ru
   with open(os.path.join(final, adapters.FILE)) as f:
     settings = json.load(f)
   assert settings['base'] == os.path.abspath(base) and settings['lora']['rank'] == RANK
-  stored = [optim.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      checkpoint.saved_shapes(final), is_leaf=lambda x: isinstance(x, tuple))[0]]
+  stored = stored_names(final)
   assert stored and all(lora.is_adapter(tuple(n.split('/'))) or n.startswith('adapters/')
                         for n in stored)
   base_params = jax.device_get(checkpoint.Reader(base).load())
@@ -248,3 +257,25 @@ def test_merge_folds_the_trained_adapters_and_takes_them_as_task_vectors(lora_ru
     expected = base_leaves[name] + 0.5 * (value - base_leaves[name]) if name.startswith(
         'llm/') else value
     np.testing.assert_allclose(half[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_qlora_run_lowers_held_out_loss_with_an_int8_base(lora_run, tiny, tmp_path):
+  base, workdir = lora_run
+  data = os.path.join(os.path.dirname(workdir), 'prepared')
+  qlora = str(tmp_path / 'qlora')
+  command = [sys.executable, '-m', 'fac_jax.train.trainer', f'--config={REPO}/configs/tiny.py',
+             f'--workdir={qlora}', f'--config.data.dir={data}', '--config.train.steps=8',
+             '--config.train.checkpoint_every=8', '--config.train.log_every=1',
+             '--config.train.eval_every=2', '--config.train.eval_batches=2',
+             '--config.data.batch_size=4', '--config.data.seq_len=96',
+             '--config.data.num_windows=16', f'--config.train.init_checkpoint={base}',
+             f'--config.train.lora.rank={RANK}', '--config.train.lora.alpha=8',
+             '--config.train.lora.base_quantization=int8']
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(qlora, 'metrics.jsonl')) as f:
+    held_out = [e['eval/loss'] for e in map(json.loads, f) if 'eval/loss' in e]
+  assert len(held_out) == 4 and held_out[-1] < held_out[0]
+  stored = stored_names(os.path.join(qlora, 'final'))
+  assert stored and all(lora.is_adapter(tuple(n.split('/'))) for n in stored)  # the quantised base is not saved with them
