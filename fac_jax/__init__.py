@@ -5,7 +5,8 @@ Each folder is a stage; a module imports only from its own stage or a stage list
 
   (top)         config, sharding, batch, files, audio, cli (what the CLIs share), fingerprint
                 (what made a result, for reruns): used by several stages
-  model/        the towers and layers: Qwen3, the continuous encoder, Fun-Audio-Chat
+  model/        the towers and layers: Qwen3, the continuous encoder, Fun-Audio-Chat, int8
+                serving weights
   checkpoints/  our checkpoint folder, the official layout, import/export, safetensors, the text
                 tokenizer, Whisper's model.bin
   speech/       the speech codec: k-means and S3Tokenizer v3 codes, Griffin-Lim and CosyVoice 3
@@ -17,4 +18,5 @@ Each folder is a stage; a module imports only from its own stage or a stage list
   evaluation/   the ASR judge and the spoken evaluation
   duplex/       Fun-Audio-Chat-Duplex: full-duplex timelines, streaming loop, fine-tune
   pipeline/     the main job: from nothing to a talking model
+  serve/        the real-time speech server: slot engine, WebSockets, the web page
 """

@@ -21,7 +21,7 @@ from flax import nnx
 from qwix._src.core import qarray
 from qwix._src.providers import ptq
 
-from fac_jax.model import fun_audio_chat
+from fac_jax.model import fun_audio_chat, quantization
 
 ADAPTER_NAMES = ('kernel_lora_a', 'kernel_lora_b')
 BASE_QUANTIZATION = {'none': None, 'int8': 'int8', 'int4': 'int4'}
@@ -88,7 +88,7 @@ def add_adapters(model: fun_audio_chat.FunAudioChat, lora: ml_collections.Config
     module.kernel_lora_a = nnx.LoRAParam(a, logical_axes=(*stack_axes, in_axis, None))
     module.kernel_lora_b = nnx.LoRAParam(b, logical_axes=(*stack_axes, None, out_axis))
     if lora_rule.weight_qtype:
-      q = quantized_kernel(kernel.value, lora_rule.weight_qtype)
+      q = quantization.quantized_kernel(kernel.value, lora_rule.weight_qtype)
       metadata = kernel.get_metadata()
       module.kernel = ptq.WithAux(qarray.QArray(
           qvalue=nnx.Param(q.qvalue, **metadata), scale=nnx.Param(q.scale, **metadata),
@@ -103,12 +103,6 @@ def _layer_how(lora_rule: qwix.LoraRule) -> qarray.HowToQuantize:
                               calibration_method=lora_rule.weight_calibration_method)
 
 
-def quantized_kernel(kernel: jax.Array, qtype: str) -> qarray.QArray:
-  """A (stacked) kernel quantised as qwix's PTQ quantises each layer's: a scale per output channel
-  and layer."""
-  return qwix.quantize(kernel, qtype, channelwise_axes=(*range(kernel.ndim - 2), kernel.ndim - 1))
-
-
 def quantize_base(params: dict, lora: ml_collections.ConfigDict) -> dict:
   """An adapted model's parameter tree with QLoRA's base kernels in their stored form
   (`kernel` -> {'array': {'qvalue', 'scale'}}); unchanged without base_quantization."""
@@ -120,7 +114,7 @@ def quantize_base(params: dict, lora: ml_collections.ConfigDict) -> dict:
     if isinstance(node, dict):
       node = quantize_base(node, lora)
       if ADAPTER_NAMES[0] in node and not isinstance(node['kernel'], dict):
-        q = quantized_kernel(node['kernel'], qtype)
+        q = quantization.quantized_kernel(node['kernel'], qtype)
         node['kernel'] = {'array': {'qvalue': q.qvalue, 'scale': q.scale}}
     out[name] = node
   return out
