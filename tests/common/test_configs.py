@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from fac_jax import config as config_lib, sharding
-from fac_jax.model import fun_audio_chat
+from fac_jax.checkpoints import checkpoint
+from fac_jax.model import fun_audio_chat, lora
 from conftest import REPO
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -25,14 +26,32 @@ def component_counts(cfg):
           for name, subtree in params.items()}, state
 
 
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+  """A checkpoint of the tiny model: what configs/finetune.py fine-tunes."""
+  cfg = config_lib.load(os.path.join(REPO, 'configs', 'tiny.py'))
+  params = nnx.to_pure_dict(nnx.state(fun_audio_chat.create(cfg.model)))
+  return checkpoint.save_params(str(tmp_path_factory.mktemp('ckpt') / 'tiny'), cfg.model, params)
+
+
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
-def test_config_builds_abstractly_with_logical_axes(path):
-  cfg = config_lib.load(path)
+def test_config_builds_abstractly_with_logical_axes(path, tiny_checkpoint):
+  fine_tune = os.path.basename(path) == 'finetune.py'
+  cfg = config_lib.load(f'{path}:{tiny_checkpoint}' if fine_tune else path)
   counts, state = component_counts(cfg.model)
   assert set(counts) == {'continuous_encoder', 'adapters', 'llm', 'speech_refined_head'}
-  # Every parameter has logical axes that the table resolves.
-  for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+  # Every parameter, and every adapter the config trains, has logical axes the table resolves.
+  _, adapted = nnx.split(lora.abstract_model(cfg.model, cfg.train.lora))
+  for variable in jax.tree.leaves((state, adapted), is_leaf=lambda x: isinstance(x, nnx.Variable)):
     sharding.logical_to_spec(sharding.variable_logical_axes(variable))
+  if fine_tune:  # the checkpoint's own model, the stage starting from it, with adapters
+    assert cfg.model.to_json() == checkpoint.load_config(tiny_checkpoint).to_json()
+    assert cfg.train.init_checkpoint == tiny_checkpoint and cfg.train.lora.rank > 0
+
+
+def test_finetune_config_without_a_checkpoint_says_what_it_needs():
+  with pytest.raises(ValueError, match=r'configs/finetune.py:CKPT\[,stage\]'):
+    config_lib.load(os.path.join(REPO, 'configs', 'finetune.py'))
 
 
 def test_fac_8b_parameter_count_matches_design():

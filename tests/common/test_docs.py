@@ -31,7 +31,7 @@ LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 # Run in a fresh interpreter per module: runs it as `python -m` would, with absl.app.run replaced
 # so that the flags get defined and nothing runs; then checks each command's flags against them.
 CHECKER = r'''
-import ast, json, runpy, sys
+import ast, json, os, re, runpy, sys
 from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
@@ -54,6 +54,9 @@ for where, args in commands:
                                       and defined[name[2:]].boolean):
       problems.append(f'{where}: --{name} is not a flag of {module}')
   for name, given in config_args.items():
+    # configs/finetune.py:CKPT reads CKPT's model: the docs' example path stands for a real one.
+    given = [re.sub(r'(finetune\.py:)[^,]+', lambda m: m.group(1) + os.environ['DOCS_CHECKPOINT'], a)
+             for a in given]
     if not any(a.startswith(f'--{name}=') for a in given):
       given = [f'--{name}={ast.literal_eval(defined[name].default_as_str)}'] + given
     argv = [module] + given
@@ -125,12 +128,15 @@ def is_program(module: str) -> bool:
   return os.path.isfile(path + '.py') or os.path.isfile(os.path.join(path, '__main__.py'))
 
 
-def check_commands(module: str, commands: list[tuple[str, list[str]]]) -> list[str]:
-  """What is wrong with running `module` with each list of arguments; [] when nothing is."""
+def check_commands(module: str, commands: list[tuple[str, list[str]]],
+                   checkpoint: str = '') -> list[str]:
+  """What is wrong with running `module` with each list of arguments; [] when nothing is.
+  `checkpoint` stands for the one a `configs/finetune.py:CKPT` argument names."""
   if not is_program(module):
     return [f'{where}: {module} is not a module with a command line' for where, _ in commands]
   out = subprocess.run([sys.executable, '-c', CHECKER, module, json.dumps(commands)],
-                       cwd=paths.REPO, capture_output=True, text=True, timeout=300)
+                       cwd=paths.REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, DOCS_CHECKPOINT=checkpoint))
   reports = [l for l in out.stdout.splitlines() if l.startswith('CHECKED ')]
   if out.returncode or not reports:
     return [f'{module}: the check failed: {out.stderr[-2000:]}']
@@ -214,11 +220,18 @@ COMMANDS = doc_commands(PAGES)
 
 
 @pytest.fixture(scope='module')
-def command_problems():
+def command_problems(tmp_path_factory):
   """Every documented module checked, in parallel: module -> problems."""
+  from flax import nnx
+  from fac_jax import config as config_lib
+  from fac_jax.checkpoints import checkpoint
+  from fac_jax.model import fun_audio_chat
+  cfg = config_lib.load(paths.TINY_CONFIG)
+  tiny = checkpoint.save_params(str(tmp_path_factory.mktemp('docs') / 'ckpt'), cfg.model,
+                                nnx.to_pure_dict(nnx.state(fun_audio_chat.create(cfg.model))))
   workers = max(2, min(4, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = {m: pool.submit(check_commands, m, c) for m, c in COMMANDS.items()}
+    futures = {m: pool.submit(check_commands, m, c, tiny) for m, c in COMMANDS.items()}
     return {m: f.result() for m, f in futures.items()}
 
 
