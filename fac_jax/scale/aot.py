@@ -5,6 +5,7 @@ optimised HLO, analytic FLOPs and a roofline estimate of step time and MFU.
 
   python -m fac_jax.scale.aot --config=configs/fac_8b.py:stage1 --topology=v5p-128 \
       [--program=train|prefill|decode] [--sessions=8 --context_seconds=120] [--out=FILE.json] \
+      [--quantize=none|int8|w8a8] \
       [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...]
 
 --topology takes a Cloud accelerator type (v5p-128, v6e-64, v5e-256, v4-32: v5p and v4 count
@@ -24,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import qwix
 from flax import nnx
 from ml_collections import config_flags
 
 from fac_jax import batch as batch_lib, files, fingerprint, sharding
 from fac_jax.inference import generate
-from fac_jax.model import fun_audio_chat, lora
+from fac_jax.model import fun_audio_chat, lora, quantization
 from fac_jax.train import flops, optim, steps
 
 GIB = 1 << 30
@@ -199,25 +201,46 @@ def train_program(cfg: ml_collections.ConfigDict, mesh) -> dict:
       gathered_bytes=gathered_bytes(params, param_shardings))
 
 
-def inference_inputs(cfg, mesh, sessions: int, context_seconds: float):
-  """Parameters, their shardings, and a prompt of `sessions` conversations filling the context."""
-  graphdef, state = nnx.split(fun_audio_chat.abstract_model(cfg.model))
+def quantized_shardings(params, shardings):
+  """Shardings of serving weights (fac_jax.model.quantization): an int8 kernel's values as the
+  kernel, its scale (1 along the input) the same where its dimensions are not 1."""
+  def one(leaf, s):
+    if not isinstance(leaf, qwix.QArray):
+      return s
+    spec = tuple(s.spec) + (None,) * (leaf.scale.ndim - len(s.spec))
+    scale_spec = jax.sharding.PartitionSpec(*(None if size == 1 else entry
+                                              for size, entry in zip(leaf.scale.shape, spec)))
+    return dataclasses.replace(leaf, qvalue=s,
+                               scale=jax.sharding.NamedSharding(s.mesh, scale_spec))
+  return jax.tree.map(one, params, shardings, is_leaf=lambda x: isinstance(x, qwix.QArray))
+
+
+def inference_inputs(cfg, mesh, sessions: int, context_seconds: float, quantize: str = 'none'):
+  """The serving graph, its parameters (int8 where `quantize` says, as the server holds them)
+  with their shardings, and a prompt of `sessions` conversations filling the context."""
+  model = fun_audio_chat.abstract_model(cfg.model)
+  _, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   param_shardings = sharding.param_shardings(state, mesh)
+  graphdef, _ = quantization.quantize(model, {}, quantize)
+  if quantize != 'none':
+    params = jax.eval_shape(lambda p: quantization.quantize_params(p, quantize), params)
+    param_shardings = quantized_shardings(params, param_shardings)
   positions = int(context_seconds / CODE_SECONDS)
   windows = math.ceil(context_seconds * 100 / cfg.model.encoder.window_frames)
   prompt = abstract_batch(cfg.model, sessions, positions, windows, targets=False)
   return graphdef, params, param_shardings, prompt, sharding.batch_shardings(prompt, mesh)
 
 
-def prefill_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: int) -> dict:
+def prefill_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: int,
+                    quantize: str = 'none') -> dict:
   """fac_jax.inference.generate.prefill of a whole context, with room for `new_steps` steps."""
   graphdef, params, param_shardings, prompt, prompt_shardings = inference_inputs(
-      cfg, mesh, sessions, context_seconds)
+      cfg, mesh, sessions, context_seconds, quantize)
   gen = generate.GenerationConfig(max_new_tokens=new_steps)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  jitted = jax.jit(lambda p, x, key: generate.prefill(nnx.merge(graphdef, p), x, cfg.model, gen,
-                                                      key),
+  jitted = jax.jit(lambda p, x, key: generate.prefill(quantization.merge(graphdef, p), x,
+                                                      cfg.model, gen, key),
                    in_shardings=(param_shardings, prompt_shardings, replicated),
                    keep_unused=True)  # a server holds every weight, used this step or not
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
@@ -228,20 +251,22 @@ def prefill_program(cfg, mesh, sessions: int, context_seconds: float, new_steps:
               kinds={'parameters': shard_bytes(params, param_shardings),
                      'batch': shard_bytes(prompt, prompt_shardings)},
               rows=sessions, model_flops=sum(model_flops.values()) / 3,  # forward only
-              param_passes=1, gathered_bytes=gathered_bytes(params, param_shardings))
+              param_passes=1, gathered_bytes=gathered_bytes(params, param_shardings),
+              graphdef=graphdef, param_shardings=param_shardings)
 
 
-def decode_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: int) -> dict:
+def decode_program(cfg, mesh, sessions: int, context_seconds: float, new_steps: int,
+                   quantize: str = 'none') -> dict:
   """One 5 Hz step of fac_jax.inference.generate.decode_step with the KV caches of `sessions`
   conversations holding `context_seconds` of history, in the layout prefill leaves them."""
-  prefill = prefill_program(cfg, mesh, sessions, context_seconds, new_steps)
+  prefill = prefill_program(cfg, mesh, sessions, context_seconds, new_steps, quantize)
   compiled_prefill = prefill['jitted'].lower(*prefill['args']).compile()
   state_shape = jax.eval_shape(prefill['jitted'], *prefill['args'])
   state_shardings = compiled_prefill.output_shardings
-  graphdef, state = nnx.split(fun_audio_chat.abstract_model(cfg.model))
-  param_shardings = sharding.param_shardings(state, mesh)
+  graphdef, param_shardings = prefill['graphdef'], prefill['param_shardings']
   gen = generate.GenerationConfig(max_new_tokens=new_steps)
-  jitted = jax.jit(lambda p, s: generate.decode_step(nnx.merge(graphdef, p), s, cfg.model, gen),
+  jitted = jax.jit(lambda p, s: generate.decode_step(quantization.merge(graphdef, p), s,
+                                                     cfg.model, gen),
                    in_shardings=(param_shardings, state_shardings), donate_argnums=(1,),
                    keep_unused=True)
   params = prefill['args'][0]
@@ -305,7 +330,7 @@ def roofline(program: dict, compiled_memory: dict, chip: Chip, chips: int, kind:
 
 def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
                    sessions: int = 8, context_seconds: float = 120.0,
-                   new_steps: int = 100) -> dict:
+                   new_steps: int = 100, quantize: str = 'none') -> dict:
   """Compiles `program` of `cfg` for `topology` and returns the report (see the module doc)."""
   generation, grid, reading = parse_topology(topology)
   chip = CHIPS[generation]
@@ -313,10 +338,14 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
   mesh = sharding.make_mesh(cfg.mesh, devices)
   builders = {'train': lambda: train_program(cfg, mesh),
               'prefill': lambda: prefill_program(cfg, mesh, sessions, context_seconds,
-                                                 new_steps),
-              'decode': lambda: decode_program(cfg, mesh, sessions, context_seconds, new_steps)}
+                                                 new_steps, quantize),
+              'decode': lambda: decode_program(cfg, mesh, sessions, context_seconds, new_steps,
+                                               quantize)}
   if program not in builders:
     raise ValueError(f'--program={program!r}: expected one of {sorted(builders)}')
+  if quantize != 'none' and program == 'train':
+    raise ValueError('--quantize is for serving (prefill, decode); a train step with a '
+                     'quantised base is QLoRA: --config.train.lora.base_quantization')
   # v4's compiler exposes each TensorCore as a device: memory and FLOPs are shared between them.
   cores = len(devices) // math.prod(grid)
   chip = dataclasses.replace(chip, bf16_tflops=chip.bf16_tflops / cores,
@@ -346,7 +375,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, program: str,
       'devices': len(devices),
       'device_kind': devices[0].device_kind, 'program': program,
       'mesh': dict(mesh.shape), 'remat_policy': cfg.model.remat_policy,
-      'dtype': cfg.model.dtype, 'global_rows': built['rows'],
+      'dtype': cfg.model.dtype, 'quantize': quantize, 'global_rows': built['rows'],
       'rows_per_chip': built['rows'] / data_shards,
       'memory_per_chip_bytes': {**memory, 'total': total},
       'arguments_by_kind_bytes': built['kinds'],
@@ -422,6 +451,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer('sessions', 8, 'prefill/decode: conversations decoded together.')
   flags.DEFINE_float('context_seconds', 120.0, 'prefill/decode: conversation length held.')
   flags.DEFINE_integer('new_steps', 100, 'prefill/decode: 5 Hz steps of room after the context.')
+  flags.DEFINE_enum('quantize', 'none', list(quantization.MODES), 'prefill/decode: serving '
+                    'weights as `python -m fac_jax.serve --quantize` holds them.')
   flags.DEFINE_string('out', 'aot_report.json', 'Where the JSON report is written.')
   flags.mark_flags_as_required(['config', 'topology'])
 
@@ -431,7 +462,7 @@ def main(argv):
   flags_ = flags.FLAGS
   try:
     report = compile_report(flags_.config, flags_.topology, flags_.program, flags_.sessions,
-                            flags_.context_seconds, flags_.new_steps)
+                            flags_.context_seconds, flags_.new_steps, flags_.quantize)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   report['command'] = ' '.join(['python', *sys.orig_argv[1:]])

@@ -184,7 +184,9 @@ def inference_table(rows) -> str:
       continue
     d, roof = r['decode'], r['roofline_estimate']
     prefill = sum(d['prefill_memory_per_chip_bytes'].values())
-    lines.append(f"| {r['topology']} | {entry['code']} | {_mesh(r)} | {cfg.model.param_dtype} | "
+    weights = r.get('quantize', 'none')
+    weights = cfg.model.param_dtype if weights == 'none' else weights
+    lines.append(f"| {r['topology']} | {entry['code']} | {_mesh(r)} | {weights} | "
                  f"{d['sessions']} x {d['context_seconds']:g} s | {_memory(r)} | {' | '.join(_fits(r))} | {_gib(d['state_bytes_per_chip'])} | "
                  f"{_gib(prefill)} | {roof['hbm_bytes_per_step'] / GIB:.2f} GiB | "
                  f"{roof['step_s'] * 1e3:.1f} ms | {d['real_time_factor_floor']:.3f} | "

@@ -68,7 +68,11 @@ def reports(tmp_path_factory):
       ('train', 'stage1', 'train', []),
       ('decode', 'stage1', 'decode', ['--sessions=4', '--context_seconds=20']),
       ('train_k1', 'stage1', 'train', no_drsr),
-      ('train_moe', 'stage1,moe', 'train', moe)):
+      ('train_moe', 'stage1,moe', 'train', moe),
+      ('train_qlora', 'stage1', 'train', ['--config.train.lora.rank=4',
+                                          '--config.train.lora.base_quantization=int8']),
+      ('decode_int8', 'stage1', 'decode', ['--sessions=4', '--context_seconds=20',
+                                           '--quantize=int8'])):
     path = out / f'{name}.json'
     run = subprocess.run(
         [sys.executable, '-m', 'fac_jax.scale.aot', f'--config={paths.TINY_CONFIG}:{config}',
@@ -100,6 +104,25 @@ def test_report_parts_agree(reports, program):
   roof = report['roofline_estimate']
   assert roof['step_s'] == max(roof['compute_s'], roof['hbm_s'], roof['ici_s']) > 0
   assert 0 < roof['mfu'] <= 1
+
+
+def test_qlora_holds_moments_of_the_adapters_only_and_an_int8_base(reports):
+  full, qlora = reports['train']['arguments_by_kind_bytes'], reports['train_qlora'][
+      'arguments_by_kind_bytes']
+  # Adam's two moments of every weight against those of rank-4 adapters on the LLM alone.
+  assert qlora['optimizer state'] < 0.1 * full['optimizer state']
+  # The adapted LLM projections in int8 (plus their scales and the adapters): fewer bytes.
+  assert qlora['parameters'] < full['parameters']
+  assert reports['train_qlora']['fits']
+
+
+def test_int8_serving_weights_take_fewer_bytes_than_the_stored_ones(reports):
+  plain, int8 = reports['decode'], reports['decode_int8']
+  assert int8['quantize'] == 'int8' and plain['quantize'] == 'none'
+  assert int8['arguments_by_kind_bytes']['parameters'] < \
+      0.7 * plain['arguments_by_kind_bytes']['parameters']
+  # The same caches either way: only the weights change.
+  assert int8['decode']['state_bytes_per_chip'] == plain['decode']['state_bytes_per_chip']
 
 
 def test_experts_split_over_chips_exchange_tokens(reports):
@@ -134,16 +157,21 @@ def test_tables_rebuild_each_rows_config_and_pair_drsr_rows(reports):
   folder = reports['folder']
   (folder / 'rows.json').write_text(json.dumps(
       [{'file': f'{name}.json', 'code': f'code of {name}'} for name in
-       ('train', 'train_k1', 'decode')]))
+       ('train', 'train_k1', 'train_qlora', 'decode', 'decode_int8')]))
   rows = aot_table.load_rows(str(folder), paths.REPO)
   configs = {entry['file']: cfg for entry, _, cfg in rows}
   assert configs['train_k1.json'].model.speech.group_size == 1
   assert configs['train_k1.json'].data.seq_len == 5 * TINY_SEQ_LEN
   assert configs['train.json'].model.speech.group_size == 5
   text = aot_table.tables(str(folder), paths.REPO)
-  train, drsr, inference = (part for part in text.split('\n\n') if part.startswith('|'))
+  train, drsr, fine_tune, inference = (part for part in text.split('\n\n')
+                                       if part.startswith('|'))
   assert 'code of train |' in train and 'code of train_k1' not in train
-  assert 'code of decode' in inference and '4 x 20 s' in inference
+  assert 'code of train_qlora' not in train + drsr
+  assert 'code of train_qlora' in fine_tune and 'rank 4, alpha 16 | int8' in fine_tune
+  assert 'code of decode |' in inference and '4 x 20 s' in inference
+  int8_row = [line for line in inference.splitlines() if 'code of decode_int8' in line]
+  assert len(int8_row) == 1 and '| int8 |' in int8_row[0]
   k1_row = [line for line in drsr.splitlines() if line.startswith('| ') and '| 1 |' in line]
   assert len(k1_row) == 1 and f'| {5 * TINY_SEQ_LEN} |' in k1_row[0]
   # The LLM at 25 Hz meets every speech code: more FLOPs for the same conversations.
