@@ -163,8 +163,8 @@ def fine_tune_table(rows) -> str:
     if r['program'] != 'train' or not lora.rank:
       continue
     share, fits = _fits(r)
-    base = (lora.base_quantization if lora.base_quantization != 'none' else
-            cfg.model.param_dtype) + ' (adapted projections; the rest ' + cfg.model.param_dtype + ')'
+    base = (cfg.model.param_dtype if lora.base_quantization == 'none' else
+            f'{lora.base_quantization} (the adapted projections; the rest {cfg.model.param_dtype})')
     h100 = (f"{100 * r['memory_per_chip_bytes']['total'] / H100_BYTES:.0f} %"
             if r['devices'] == 1 else '')
     lines.append(f"| {_model(r)} | {r['topology']} | {entry['code']} | {_mesh(r)} | rank "

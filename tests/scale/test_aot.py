@@ -168,7 +168,7 @@ def test_tables_rebuild_each_rows_config_and_pair_drsr_rows(reports):
                                        if part.startswith('|'))
   assert 'code of train |' in train and 'code of train_k1' not in train
   assert 'code of train_qlora' not in train + drsr
-  assert 'code of train_qlora' in fine_tune and 'rank 4, alpha 16 | int8' in fine_tune
+  assert 'code of train_qlora' in fine_tune and 'rank 4, alpha 16 | int8 (the adapted' in fine_tune
   assert 'code of decode |' in inference and '4 x 20 s' in inference
   int8_row = [line for line in inference.splitlines() if 'code of decode_int8' in line]
   assert len(int8_row) == 1 and '| int8 |' in int8_row[0]
