@@ -70,34 +70,116 @@ def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collection
   After a text-only turn (a tool call) the continuation is that of the fresh prefill."""
   if gen.mode not in ('s2s', 's2t'):
     raise ValueError(f"mode {gen.mode!r}: expected 's2s' or 's2t'")
-  tokens, speech = cfg.tokens, cfg.speech
-  group = speech.group_size
-  batch, prompt_len = prompt['input_ids'].shape
-  steps = gen.max_new_tokens
+  group = cfg.speech.group_size
   keep = 0 if earlier is None else earlier['llm_valid'].shape[1] - earlier['text'].shape[1] - 1
-  end = keep + prompt_len  # the prompt fills slots [keep, end)
-  valid = prompt['segment_ids'] > 0
+  end = keep + prompt['input_ids'].shape[1]  # the prompt fills slots [keep, end)
   positions = prompt['positions']
 
   inputs, head_text = model.embed_inputs(prompt, training=False)
-  llm_valid = jnp.zeros((batch, end + steps), bool).at[:, keep:end].set(valid)
-  llm_cache = qwen3.init_cache(cfg.llm, batch, end + steps, inputs.dtype)
-  text_history = jnp.full((batch, end + steps), -1, jnp.int32).at[:, keep:end].set(
-      jnp.where(valid, prompt['input_ids'], -1))
-  head_valid = jnp.zeros((batch, group * (end + steps)), bool).at[:, group * keep:group * end].set(
-      jnp.repeat(valid, group, axis=1))
-  head_cache = qwen3.init_cache(cfg.speech_refined_head, batch, group * (end + steps),
-                                inputs.dtype)
+  caches = _empty_caches(prompt, cfg, gen, keep, inputs.dtype)
   if earlier is None:
-    hidden, llm_cache = model.llm.decoder.prefill(inputs, positions, valid.astype(jnp.int32),
-                                                  llm_cache)
+    hidden, caches['llm_cache'] = model.llm.decoder.prefill(
+        inputs, positions, (prompt['segment_ids'] > 0).astype(jnp.int32), caches['llm_cache'])
   else:
-    llm_valid = llm_valid.at[:, :keep].set(earlier['llm_valid'][:, :keep])
-    text_history = text_history.at[:, :keep].set(earlier['text_history'][:, :keep])
-    head_valid = head_valid.at[:, :group * keep].set(earlier['head_valid'][:, :group * keep])
-    llm_cache = _kept_cache(earlier['llm_cache'], llm_cache, keep)
-    head_cache = _kept_cache(earlier['head_cache'], head_cache, group * keep)
-    hidden, llm_cache = model.llm.decoder.decode(inputs, positions, llm_cache, llm_valid)
+    for name, slots in (('llm_valid', keep), ('text_history', keep), ('head_valid', group * keep)):
+      caches[name] = caches[name].at[:, :slots].set(earlier[name][:, :slots])
+    caches['llm_cache'] = _kept_cache(earlier['llm_cache'], caches['llm_cache'], keep)
+    caches['head_cache'] = _kept_cache(earlier['head_cache'], caches['head_cache'], group * keep)
+    hidden, caches['llm_cache'] = model.llm.decoder.decode(inputs, positions, caches['llm_cache'],
+                                                           caches['llm_valid'])
+  return _first_token(model, hidden, head_text, positions, key, cfg, gen, caches, end,
+                      prefill=earlier is None)
+
+
+def begin_prefill(model: fun_audio_chat.FunAudioChat, prompt: dict,
+                  cfg: ml_collections.ConfigDict, gen: GenerationConfig) -> dict:
+  """prefill in chunks of `size` positions, for a server that decodes other requests between
+  them. This part runs the embeddings (the audio encoder among them) and no decoder layer: the
+  prompt's inputs and empty caches. Over a left-padded prompt of n * size positions,
+  prefill_chunk on chunks 0 .. n - 2 in order (those wholly padding may be left out), then
+  finish_prefill, give prefill's state up to float rounding (each chunk attends as decode does)."""
+  if gen.mode not in ('s2s', 's2t'):
+    raise ValueError(f"mode {gen.mode!r}: expected 's2s' or 's2t'")
+  inputs, head_text = model.embed_inputs(prompt, training=False)
+  return {'inputs': inputs, 'head_text': head_text, 'positions': prompt['positions'],
+          **_empty_caches(prompt, cfg, gen, 0, inputs.dtype)}
+
+
+def prefill_chunk(model: fun_audio_chat.FunAudioChat, partial: dict,
+                  cfg: ml_collections.ConfigDict, gen: GenerationConfig, index: jax.Array,
+                  size: int) -> dict:
+  """Prompt positions [index * size, (index + 1) * size) (index may be traced) through the LLM
+  and, in s2s mode, their sub-slots through the refined head after the start-of-speech code's
+  embedding (as _code_group's first call runs every prompt sub-slot), into `partial`'s caches."""
+  hidden, head_text, positions, partial = _llm_chunk(model, partial, index, size)
+  if gen.mode == 's2s':
+    group, head = cfg.speech.group_size, model.speech_refined_head
+    batch = positions.shape[0]
+    sub_positions = (positions[..., None] * group + jnp.arange(group)).reshape(batch, -1)
+    bos = model.adapters.code_embedding(jnp.full((batch,), cfg.speech.bos_id))
+    cache = dict(partial['head_cache'], index=group * size * index)
+    _, partial['head_cache'] = head.decode(head.split(hidden + head_text) + bos[:, None],
+                                           sub_positions, cache, partial['head_valid'],
+                                           model.adapters.code_embedding)
+  return partial
+
+
+def finish_prefill(model: fun_audio_chat.FunAudioChat, partial: dict,
+                   cfg: ml_collections.ConfigDict, gen: GenerationConfig, key: jax.Array,
+                   size: int) -> dict:
+  """The prompt's last chunk, then its first text token and code group sampled as prefill
+  samples them: prefill's decoding state."""
+  prompt_len = partial['inputs'].shape[1]
+  index = prompt_len // size - 1
+  hidden, head_text, positions, partial = _llm_chunk(model, partial, index, size)
+  partial['head_cache'] = dict(partial['head_cache'], index=jnp.asarray(
+      cfg.speech.group_size * size * index, jnp.int32))
+  return _first_token(model, hidden, head_text, positions, key, cfg, gen, partial, prompt_len,
+                      prefill=False)
+
+
+def _llm_chunk(model, partial: dict, index, size: int):
+  """The LLM over prompt chunk `index`: its final-normed states, the head's text embeddings and
+  positions there, and `partial` with the chunk in its LLM cache."""
+  start = index * size
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+  cache = dict(partial['llm_cache'], index=jnp.asarray(start, jnp.int32))
+  hidden, llm_cache = model.llm.decoder.decode(take(partial['inputs']), take(partial['positions']),
+                                               cache, partial['llm_valid'])
+  return hidden, take(partial['head_text']), take(partial['positions']), dict(partial,
+                                                                              llm_cache=llm_cache)
+
+
+def _empty_caches(prompt: dict, cfg: ml_collections.ConfigDict, gen: GenerationConfig,
+                  keep: int, dtype) -> dict:
+  """The KV caches of a generation over `keep` earlier slots, the prompt and gen's steps, with
+  the prompt's slots marked valid (nothing written yet), and the text history holding it."""
+  group = cfg.speech.group_size
+  batch, prompt_len = prompt['input_ids'].shape
+  end = keep + prompt_len
+  slots = end + gen.max_new_tokens
+  valid = prompt['segment_ids'] > 0
+  return {
+      'llm_cache': qwen3.init_cache(cfg.llm, batch, slots, dtype),
+      'llm_valid': jnp.zeros((batch, slots), bool).at[:, keep:end].set(valid),
+      'head_cache': qwen3.init_cache(cfg.speech_refined_head, batch, group * slots, dtype),
+      'head_valid': jnp.zeros((batch, group * slots), bool).at[:, group * keep:group * end].set(
+          jnp.repeat(valid, group, axis=1)),
+      'text_history': jnp.full((batch, slots), -1, jnp.int32).at[:, keep:end].set(
+          jnp.where(valid, prompt['input_ids'], -1)),
+  }
+
+
+def _first_token(model, hidden, head_text, positions, key, cfg, gen, caches: dict, end: int,
+                 prefill: bool) -> dict:
+  """The decoding state after the prompt's last positions (`hidden`, `head_text` and
+  `positions` (B, T) hold them; the LLM cache has them written): the first text token, and in
+  s2s mode the refined head's code group over them (_code_group, with `prefill` as there)."""
+  tokens, speech = cfg.tokens, cfg.speech
+  group = speech.group_size
+  batch, steps = positions.shape[0], gen.max_new_tokens
+  llm_cache, llm_valid, head_cache, head_valid, text_history = (
+      caches[k] for k in ('llm_cache', 'llm_valid', 'head_cache', 'head_valid', 'text_history'))
   key, text_key, head_key = jax.random.split(key, 3)
   first_text = select(text_key, model.llm.lm_head(hidden[:, -1]), text_history[:, :end],
                       gen.text)
@@ -110,7 +192,7 @@ def prefill(model: fun_audio_chat.FunAudioChat, prompt: dict, cfg: ml_collection
     split = model.speech_refined_head.split(hidden + head_text)
     _, code_embedding, head_cache, _ = _code_group(
         model, split, sub_positions, code_embedding, head_cache, head_valid,
-        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech, prefill=earlier is None)
+        jnp.zeros((batch, 0), jnp.int32), head_key, gen.speech, prefill=prefill)
 
   state = {
       'key': key,

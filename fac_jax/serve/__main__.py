@@ -3,7 +3,7 @@ page to talk to it at http://HOST:PORT/.
 
   python -m fac_jax.serve [--ckpt=DIR] [--detokenizer=DIR|speech_tokenizer.npz]
       [--host=127.0.0.1] [--port=8000] [--max_sessions=8] [--quantize=none|int8|w8a8]
-      [--mode=s2s|s2t] [--max_new_tokens=256] [--greedy]
+      [--mode=s2s|s2t] [--max_new_tokens=256] [--greedy] [--prefill_chunk=64]
 
 --ckpt defaults to the main job's final checkpoint (/tmp/fac_jax_pipeline/dpo/final); the
 detokenizer to the one it holds. The server compiles its programs on a warm-up turn before it
@@ -39,6 +39,8 @@ flags.DEFINE_enum('quantize', 'none', list(quantization.MODES), 'Weights of the 
                   'refined head: as stored, int8 weight-only, or int8 weights and activations.')
 flags.DEFINE_integer('max_prompt_tokens', 512, 'Positions of a prompt, history included '
                      '(older turns are left out beyond).')
+flags.DEFINE_integer('prefill_chunk', 64, 'Positions prefilled between two decode steps of the '
+                     'other conversations (must divide --max_prompt_tokens).')
 flags.DEFINE_integer('max_windows', 16, 'Encoder windows of a prompt, history included.')
 flags.DEFINE_integer('max_message_bytes', server.Limits.max_message_bytes,
                      'Largest WebSocket message.')
@@ -52,7 +54,8 @@ flags.DEFINE_integer('vad_silence_ms', server.Limits.vad_silence_ms,
 
 
 def warm_up(engine: engine_lib.Engine, assets: conversation.Assets) -> None:
-  """Two turns, so that prefill, slot insert and step are each compiled before serving."""
+  """Two turns, so that each program (prefill's pieces, slot insert, step) is compiled before
+  serving."""
   question = np.random.default_rng(0).normal(0, 0.1, audio.SAMPLE_RATE).astype(np.float32)
   for seed in range(2):
     events = []
@@ -66,6 +69,9 @@ def warm_up(engine: engine_lib.Engine, assets: conversation.Assets) -> None:
 
 def main(argv):
   del argv
+  if FLAGS.prefill_chunk < 1 or FLAGS.max_prompt_tokens % FLAGS.prefill_chunk:
+    sys.exit(f'error: --prefill_chunk={FLAGS.prefill_chunk} must divide '
+             f'--max_prompt_tokens={FLAGS.max_prompt_tokens}')
   try:
     assets = conversation.load_assets(
         FLAGS.ckpt, FLAGS.detokenizer, FLAGS.mode, FLAGS.max_new_tokens, FLAGS.greedy,
@@ -75,7 +81,7 @@ def main(argv):
   limits = server.Limits(FLAGS.max_sessions, FLAGS.max_message_bytes, FLAGS.session_seconds,
                          FLAGS.max_turn_seconds, FLAGS.max_queued_messages,
                          FLAGS.vad_silence_ms)
-  service = server.Service(assets, limits)
+  service = server.Service(assets, limits, FLAGS.prefill_chunk)
   service.engine.start()
   started = time.perf_counter()
   warm_up(service.engine, assets)

@@ -52,10 +52,10 @@ class Refused(Exception):
 class Service:
   """The engine and the assets every conversation shares."""
 
-  def __init__(self, assets: conversation_lib.Assets, limits: Limits):
+  def __init__(self, assets: conversation_lib.Assets, limits: Limits, prefill_chunk: int):
     self.assets, self.limits = assets, limits
     self.engine = engine_lib.Engine(assets.graphdef, assets.params, assets.cfg, assets.gen,
-                                    limits.max_sessions)
+                                    limits.max_sessions, prefill_chunk)
     self.sessions = 0
     self.turns = 0  # answered
 

@@ -35,7 +35,8 @@ def reference(assets: conversation.Assets, history: list[dict], question: np.nda
 
 
 # The server the tests start: the settings `load` uses, so its answers can be compared.
-SERVER_FLAGS = ('--max_new_tokens=12', '--max_prompt_tokens=96', '--max_windows=12', '--port=0')
+SERVER_FLAGS = ('--max_new_tokens=12', '--max_prompt_tokens=96', '--prefill_chunk=32',
+                '--max_windows=12', '--port=0')
 
 
 def start_server(ckpt: str, *flags: str, timeout: float = 300.0):
