@@ -52,27 +52,32 @@ SYSTEM_PROMPTS = {
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or '
-                    '`fac_jax.checkpoints.convert`).')
-flags.DEFINE_string('audio', None, 'The spoken question: any audio file librosa reads.')
-flags.DEFINE_string('text', None, 'A typed question, instead of --audio.')
-flags.DEFINE_string('history', None, 'JSON file of earlier turns (see the module docstring).')
-flags.DEFINE_string('out', None, 's2s: where to write the spoken answer (wav).')
-flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.')
-flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
-flags.DEFINE_string('detokenizer', None, 'Turns codes into audio: a converted CosyVoice 3 '
-                    'folder (fac_jax.speech.convert_cosyvoice), or a k-means speech tokenizer '
-                    '.npz (Griffin-Lim; default: the one in CKPT/chat/).')
-flags.DEFINE_string('system', None, 'System prompt: a training task of the checkpoint, or the '
-                    "prompt's text (default: see the module docstring).")
-flags.DEFINE_string('tools', None, 'JSON file of tool declarations the model may call.')
-flags.DEFINE_string('functions', 'fac_jax.data.tools:DEMO_FUNCTIONS', 'With --tools: the Python '
-                    'dict of tool name -> callable that runs them, MODULE[:NAME] (NAME default '
-                    'FUNCTIONS).')
-flags.DEFINE_integer('max_new_tokens', 256, 'Text tokens to generate at most (5 per second).')
-flags.DEFINE_float('max_audio_seconds', 300.0, 'Longest question accepted.')
-flags.DEFINE_bool('greedy', False, 'Greedy text (the official examples); speech is sampled.')
-flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+def define_flags() -> None:
+  """The chat command's flags, defined only when it (or the server, which reuses them) is the
+  program: as a library this module defines none."""
+  flags.DEFINE_string('ckpt', None, 'fac_jax checkpoint (from training or '
+                      '`fac_jax.checkpoints.convert`).')
+  flags.DEFINE_string('audio', None, 'The spoken question: any audio file librosa reads.')
+  flags.DEFINE_string('text', None, 'A typed question, instead of --audio.')
+  flags.DEFINE_string('history', None, 'JSON file of earlier turns (see the module docstring).')
+  flags.DEFINE_string('out', None, 's2s: where to write the spoken answer (wav).')
+  flags.DEFINE_enum('mode', 's2s', ['s2s', 's2t'], 'Speech and text, or text only.')
+  flags.DEFINE_bool('stream', False, 'Print text and write audio chunks as they are produced.')
+  flags.DEFINE_string('detokenizer', None, 'Turns codes into audio: a converted CosyVoice 3 '
+                      'folder (fac_jax.speech.convert_cosyvoice), or a k-means speech tokenizer '
+                      '.npz (Griffin-Lim; default: the one in CKPT/chat/).')
+  flags.DEFINE_string('system', None, 'System prompt: a training task of the checkpoint, or the '
+                      "prompt's text (default: see the module docstring).")
+  flags.DEFINE_string('tools', None, 'JSON file of tool declarations the model may call.')
+  flags.DEFINE_string('functions', 'fac_jax.data.tools:DEMO_FUNCTIONS', 'With --tools: the Python '
+                      'dict of tool name -> callable that runs them, MODULE[:NAME] (NAME default '
+                      'FUNCTIONS).')
+  flags.DEFINE_integer('max_new_tokens', 256, 'Text tokens to generate at most (5 per second).')
+  flags.DEFINE_float('max_audio_seconds', 300.0, 'Longest question accepted.')
+  flags.DEFINE_bool('greedy', False, 'Greedy text (the official examples); speech is sampled.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
 class ChatError(ValueError):
@@ -271,6 +276,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  define_flags()
   cli.run(main)
 
 

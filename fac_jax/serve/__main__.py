@@ -29,28 +29,31 @@ from fac_jax.serve import conversation, engine as engine_lib, server
 DEFAULT_CKPT = os.path.join(main_job.default_workdir(False), main_job.MODELS['dpo'])
 
 FLAGS = flags.FLAGS
-# --ckpt, --detokenizer, --mode, --max_new_tokens, --greedy and --system are the chat command's
-# flags (fac_jax.inference.chat, imported); the server only changes --ckpt's default.
-FLAGS.set_default('ckpt', DEFAULT_CKPT)
-flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every interface).')
-flags.DEFINE_integer('port', 8000, 'Port to listen on (0: any free one, printed).')
-flags.DEFINE_integer('max_sessions', 8, 'Conversations at once (slots of the decode step).')
-flags.DEFINE_enum('quantize', 'none', list(quantization.MODES), 'Weights of the LLM and the '
-                  'refined head: as stored, int8 weight-only, or int8 weights and activations.')
-flags.DEFINE_integer('max_prompt_tokens', 512, 'Positions of a prompt, history included '
-                     '(older turns are left out beyond).')
-flags.DEFINE_integer('prefill_chunk', 64, 'Positions prefilled between two decode steps of the '
-                     'other conversations (must divide --max_prompt_tokens).')
-flags.DEFINE_integer('max_windows', 16, 'Encoder windows of a prompt, history included.')
-flags.DEFINE_integer('max_message_bytes', server.Limits.max_message_bytes,
-                     'Largest WebSocket message.')
-flags.DEFINE_float('session_seconds', server.Limits.session_seconds,
-                   'A conversation is closed after this long.')
-flags.DEFINE_float('max_turn_seconds', server.Limits.max_turn_seconds, 'Longest question.')
-flags.DEFINE_integer('max_queued_messages', server.Limits.max_queued_messages,
-                     'Answer messages a slow client may leave unread before it is dropped.')
-flags.DEFINE_integer('vad_silence_ms', server.Limits.vad_silence_ms,
-                     'Quiet after speech that ends a turn (turn "vad").')
+
+
+def _define_flags() -> None:
+  """The chat command's flags (the server only changes --ckpt's default) and the server's own."""
+  chat.define_flags()  # --ckpt, --detokenizer, --mode, --max_new_tokens, --greedy, --system
+  FLAGS.set_default('ckpt', DEFAULT_CKPT)
+  flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every interface).')
+  flags.DEFINE_integer('port', 8000, 'Port to listen on (0: any free one, printed).')
+  flags.DEFINE_integer('max_sessions', 8, 'Conversations at once (slots of the decode step).')
+  flags.DEFINE_enum('quantize', 'none', list(quantization.MODES), 'Weights of the LLM and the '
+                    'refined head: as stored, int8 weight-only, or int8 weights and activations.')
+  flags.DEFINE_integer('max_prompt_tokens', 512, 'Positions of a prompt, history included '
+                       '(older turns are left out beyond).')
+  flags.DEFINE_integer('prefill_chunk', 64, 'Positions prefilled between two decode steps of the '
+                       'other conversations (must divide --max_prompt_tokens).')
+  flags.DEFINE_integer('max_windows', 16, 'Encoder windows of a prompt, history included.')
+  flags.DEFINE_integer('max_message_bytes', server.Limits.max_message_bytes,
+                       'Largest WebSocket message.')
+  flags.DEFINE_float('session_seconds', server.Limits.session_seconds,
+                     'A conversation is closed after this long.')
+  flags.DEFINE_float('max_turn_seconds', server.Limits.max_turn_seconds, 'Longest question.')
+  flags.DEFINE_integer('max_queued_messages', server.Limits.max_queued_messages,
+                       'Answer messages a slow client may leave unread before it is dropped.')
+  flags.DEFINE_integer('vad_silence_ms', server.Limits.vad_silence_ms,
+                       'Quiet after speech that ends a turn (turn "vad").')
 
 
 def warm_up(engine: engine_lib.Engine, assets: conversation.Assets) -> None:
@@ -106,6 +109,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
+  _define_flags()
   cli.run(main)
 
 

@@ -167,7 +167,7 @@ def test_refusals_come_before_generating_in_one_line(trained, tmp_path):
 
 def test_tools_run_through_the_command_and_bad_tool_input_is_refused(setup, tmp_path):
   """--tools answers with the official function-calling prompt around the declarations (the
-  loop itself: tests/inference/test_tools.py); a bad tools file, functions module or a tool
+  loop itself: tests/inference/test_tool_calling.py); a bad tools file, functions module or a tool
   without a callable is refused in one line naming it."""
   _, ckpt, _, question = setup
   declared = tmp_path / 'tools.json'

@@ -1,5 +1,6 @@
-"""Helpers of the server tests: the checkpoint's assets as the server loads them, the one-session
-answers of the existing generate path to compare with, and a server in a process of its own."""
+"""Helpers of the server tests: a tiny trained checkpoint with its spoken questions (the `trained`
+fixture), the checkpoint's assets as the server loads them, the one-session answers of the
+existing generate path to compare with, and a server in a process of its own."""
 
 import json
 import subprocess
@@ -7,13 +8,27 @@ import sys
 import time
 import urllib.request
 
+import os
+
 import jax
 import numpy as np
+import pytest
 
+import chat_checkpoint
 import paths
 
+from fac_jax import audio
 from fac_jax.inference import chat, generate
 from fac_jax.serve import conversation
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+  """(checkpoint, [question waveforms]); a conftest.py here would shadow tests/conftest.py, which
+  the other test modules import as `conftest`."""
+  ckpt, question = chat_checkpoint.write(str(tmp_path_factory.mktemp('serve_ckpt')))
+  folder = os.path.dirname(question)
+  return ckpt, [audio.load(os.path.join(folder, f'q{i}.wav')) for i in (0, 1, 3, 4)]
 
 
 def load(ckpt: str, **overrides) -> conversation.Assets:

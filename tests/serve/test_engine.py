@@ -7,7 +7,7 @@ import queue
 
 import numpy as np
 
-from serve_setup import load, reference
+from serve_setup import load, reference, trained  # noqa: F401 (trained: a fixture)
 from fac_jax.serve import conversation, engine as engine_lib
 
 PREFILL_CHUNK = 16  # of load's 96 prompt positions

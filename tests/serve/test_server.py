@@ -13,7 +13,8 @@ import soundfile
 from playwright.sync_api import sync_playwright
 from websockets.sync import client as ws_client
 
-from serve_setup import load, reference, start_server, status, stop_server
+from serve_setup import (load, reference, start_server, status, stop_server,  # noqa: F401
+                         trained)  # a fixture
 from fac_jax.serve import client as client_lib
 
 MAX_MESSAGE_BYTES = 65536
