@@ -17,7 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
+from flax import nnx, traverse_util
 
 from fac_jax import fingerprint, sharding
 from fac_jax.checkpoints import checkpoint
@@ -90,25 +90,6 @@ def save(out: str, model_config: ml_collections.ConfigDict, trained: dict,
     raise
 
 
-def _leaf_paths(tree: dict, prefix=()) -> list[tuple[str, ...]]:
-  paths = []
-  for name, node in tree.items():
-    paths += _leaf_paths(node, prefix + (name,)) if isinstance(node, dict) else [prefix + (name,)]
-  return paths
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def _put(tree: dict, path: tuple[str, ...], leaf) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = leaf
-
-
 def load_params(path: str, mesh: jax.sharding.Mesh | None = None, dtype=None,
                 base: str | None = None) -> dict:
   """The plain model's parameters of any checkpoint: a full one as stored, an adapter checkpoint
@@ -128,20 +109,20 @@ def trained_leaves(path: str, model_config: ml_collections.ConfigDict,
   """The leaves an adapter checkpoint holds, read into the adapted model's shardings on `mesh`
   (default: the mesh in scope); refused when they do not fit the adapted model."""
   _, state = nnx.split(lora_lib.abstract_model(model_config, lora))
-  shardings = sharding.param_shardings(state, mesh or sharding.mesh_in_scope())
-  shapes = nnx.to_pure_dict(state)
-  saved = checkpoint.saved_shapes(path)
+  shardings = traverse_util.flatten_dict(
+      sharding.param_shardings(state, mesh or sharding.mesh_in_scope()))
+  shapes = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   wanted = {}
-  for leaf_path in _leaf_paths(saved):
-    try:
-      shape = _get(shapes, leaf_path).shape
-    except KeyError:
-      raise AdapterError(f'{path}: leaf {"/".join(leaf_path)} is not a parameter of its base '
-                         'model with these adapters') from None
-    if tuple(_get(saved, leaf_path)[0]) != tuple(shape):
-      raise AdapterError(f'{path}: leaf {"/".join(leaf_path)} is {list(_get(saved, leaf_path)[0])}'
-                         f', its base model with these adapters has {list(shape)}')
-    _put(wanted, leaf_path, jax.ShapeDtypeStruct(
-        shape, jnp.dtype(dtype or model_config.param_dtype),
-        sharding=_get(shardings, leaf_path)))
-  return checkpoint.read_params(path, wanted)
+  for leaf_path, (saved_shape, _) in traverse_util.flatten_dict(
+      checkpoint.saved_shapes(path)).items():
+    name = '/'.join(leaf_path)
+    if leaf_path not in shapes:
+      raise AdapterError(f'{path}: leaf {name} is not a parameter of its base model with these '
+                         'adapters')
+    shape = tuple(shapes[leaf_path].shape)
+    if tuple(saved_shape) != shape:
+      raise AdapterError(f'{path}: leaf {name} is {list(saved_shape)}, its base model with these '
+                         f'adapters has {list(shape)}')
+    wanted[leaf_path] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or model_config.param_dtype),
+                                             sharding=shardings[leaf_path])
+  return checkpoint.read_params(path, traverse_util.unflatten_dict(wanted))

@@ -200,12 +200,18 @@ class AdapterLeaves:
     own = [path for path in paths if path in self.trained.shapes]
     leaves = {**self.base.read([p for p in paths if p not in self.trained.shapes], shardings),
               **self.trained.read(own, shardings)}
-    for path in paths:
-      a, b = (path[:-1] + (name,) for name in lora.ADAPTER_NAMES)
-      if path[-1] == 'kernel' and a in self.trained.shapes:
-        replicated = jax.sharding.NamedSharding(shardings[path].mesh, jax.sharding.PartitionSpec())
-        pair = self.trained.read([a, b], {a: replicated, b: replicated})
-        leaves[path] = lora.fold_kernel(leaves[path], pair[a], pair[b], lora.scale(self.lora))
+    adapted = lambda path: path[-1] == 'kernel' and (
+        path[:-1] + (lora.ADAPTER_NAMES[0],) in self.trained.shapes)
+    pairs = {path: tuple(path[:-1] + (name,) for name in lora.ADAPTER_NAMES)
+             for path in paths if adapted(path)}
+    if pairs:  # the group's adapters in one read; they are small: replicated
+      replicated = jax.sharding.NamedSharding(shardings[next(iter(pairs))].mesh,
+                                              jax.sharding.PartitionSpec())
+      wanted = [name for pair in pairs.values() for name in pair]
+      factors = self.trained.read(wanted, dict.fromkeys(wanted, replicated))
+      for path, (a, b) in pairs.items():
+        leaves[path] = lora.fold_kernel(leaves[path], factors[a], factors[b],
+                                        lora.scale(self.lora))
     return leaves
 
 
@@ -390,9 +396,10 @@ def main(argv):
   if 'alpha' in args:
     args['alpha'] = [float(a) for a in args['alpha']]
   mesh = sharding.mesh_from_flag(FLAGS.mesh) if FLAGS.mesh else None
-  if (FLAGS.method == 'lora') != bool(FLAGS.adapters) or bool(FLAGS.adapters) == bool(
-      FLAGS.finetuned):
-    raise app.UsageError('--method=lora takes --adapters; the other methods take --finetuned')
+  if FLAGS.method == 'lora' and (not FLAGS.adapters or FLAGS.finetuned):
+    raise app.UsageError('--method=lora takes --adapters, not --finetuned')
+  if FLAGS.method != 'lora' and (FLAGS.adapters or not FLAGS.finetuned):
+    raise app.UsageError(f'--method={FLAGS.method} takes --finetuned (--adapters is lora\'s)')
   try:
     summary = merge_checkpoints(FLAGS.method, FLAGS.base, FLAGS.finetuned or [FLAGS.adapters],
                                 FLAGS.out,

@@ -82,9 +82,9 @@ def add_adapters(model: fun_audio_chat.FunAudioChat, lora: ml_collections.Config
     kernel = module.kernel
     *stack, fan_in, fan_out = kernel.value.shape
     *stack_axes, in_axis, out_axis = kernel.get_metadata()['logical_axes']
-    key, a_key = jax.random.split(key)
+    key, a_key, b_key = jax.random.split(key, 3)
     a = lora_rule.lora_a_initializer(a_key, (*stack, fan_in, lora.rank), kernel.value.dtype)
-    b = lora_rule.lora_b_initializer(key, (*stack, lora.rank, fan_out), kernel.value.dtype)
+    b = lora_rule.lora_b_initializer(b_key, (*stack, lora.rank, fan_out), kernel.value.dtype)
     module.kernel_lora_a = nnx.LoRAParam(a, logical_axes=(*stack_axes, in_axis, None))
     module.kernel_lora_b = nnx.LoRAParam(b, logical_axes=(*stack_axes, None, out_axis))
     if lora_rule.weight_qtype:

@@ -68,9 +68,9 @@ def test_adapters_sit_on_the_targets_and_start_equal_to_the_base(tiny, batch):
   base_leaves, adapted_leaves = leaves_by_path(params_of(base)), leaves_by_path(params_of(adapted))
   added = sorted(set(adapted_leaves) - set(base_leaves))
   # Every attention and MLP projection of the LLM's stack, A and B, nothing else.
-  assert added == sorted(
-      f'llm/decoder/layers/{"attention" if p.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"}'
-      f'/{p}/kernel_lora_{ab}' for p in ADAPTED for ab in 'ab')
+  block = lambda p: 'attention' if p in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'
+  assert added == sorted(f'llm/decoder/layers/{block(p)}/{p}/kernel_lora_{ab}'
+                         for p in ADAPTED for ab in 'ab')
   for name in added:
     kernel = base_leaves[name.rsplit('/', 1)[0] + '/kernel']
     layers, fan_in, fan_out = kernel.shape
@@ -162,6 +162,19 @@ def test_bad_settings_are_refused_naming_the_field(tiny):
     lora.check(lora_settings(dropout=0.1))
 
 
+def train_lora(workdir: str, data: str, base: str, *extra: str) -> None:
+  """8 steps of stage 1 with rank-RANK adapters over `base`, as a user runs the trainer."""
+  command = [sys.executable, '-m', 'fac_jax.train.trainer', f'--config={REPO}/configs/tiny.py',
+             f'--workdir={workdir}', f'--config.data.dir={data}', '--config.train.steps=8',
+             '--config.train.log_every=1', '--config.data.batch_size=4',
+             '--config.data.seq_len=96', '--config.data.num_windows=16',
+             f'--config.train.init_checkpoint={base}', f'--config.train.lora.rank={RANK}',
+             '--config.train.lora.alpha=8', *extra]
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.fixture(scope='module')
 def lora_run(tmp_path_factory, tiny):
   """A base checkpoint, and 8 LoRA steps of stage 1 on it with the grouping adapters trained
@@ -173,17 +186,9 @@ def lora_run(tmp_path_factory, tiny):
   base = checkpoint.save_params(os.path.join(root, 'base'), tiny,
                                 params_of(fun_audio_chat.create(tiny, 3)))
   workdir = os.path.join(root, 'run')
-  command = [sys.executable, '-m', 'fac_jax.train.trainer', f'--config={REPO}/configs/tiny.py',
-             f'--workdir={workdir}', f'--config.data.dir={data}', '--config.train.steps=8',
-             '--config.train.checkpoint_every=4', '--config.train.log_every=1',
+  train_lora(workdir, data, base, '--config.train.checkpoint_every=4',
              '--config.train.eval_every=8', '--config.train.eval_batches=1',
-             '--config.data.batch_size=4', '--config.data.seq_len=96',
-             '--config.data.num_windows=16', f'--config.train.init_checkpoint={base}',
-             f'--config.train.lora.rank={RANK}', '--config.train.lora.alpha=8',
-             "--config.train.lora.train_fully=('^adapters/',)"]
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert result.returncode == 0, result.stderr[-3000:]
+             "--config.train.lora.train_fully=('^adapters/',)")
   return base, workdir
 
 
@@ -263,19 +268,12 @@ def test_qlora_run_lowers_held_out_loss_with_an_int8_base(lora_run, tiny, tmp_pa
   base, workdir = lora_run
   data = os.path.join(os.path.dirname(workdir), 'prepared')
   qlora = str(tmp_path / 'qlora')
-  command = [sys.executable, '-m', 'fac_jax.train.trainer', f'--config={REPO}/configs/tiny.py',
-             f'--workdir={qlora}', f'--config.data.dir={data}', '--config.train.steps=8',
-             '--config.train.checkpoint_every=8', '--config.train.log_every=1',
+  train_lora(qlora, data, base, '--config.train.checkpoint_every=8',
              '--config.train.eval_every=2', '--config.train.eval_batches=2',
-             '--config.data.batch_size=4', '--config.data.seq_len=96',
-             '--config.data.num_windows=16', f'--config.train.init_checkpoint={base}',
-             f'--config.train.lora.rank={RANK}', '--config.train.lora.alpha=8',
-             '--config.train.lora.base_quantization=int8']
-  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert result.returncode == 0, result.stderr[-3000:]
+             '--config.train.lora.base_quantization=int8')
   with open(os.path.join(qlora, 'metrics.jsonl')) as f:
     held_out = [e['eval/loss'] for e in map(json.loads, f) if 'eval/loss' in e]
   assert len(held_out) == 4 and held_out[-1] < held_out[0]
   stored = stored_names(os.path.join(qlora, 'final'))
-  assert stored and all(lora.is_adapter(tuple(n.split('/'))) for n in stored)  # the quantised base is not saved with them
+  # The quantised base is not saved with the adapters.
+  assert stored and all(lora.is_adapter(tuple(n.split('/'))) for n in stored)
